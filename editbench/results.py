@@ -1,0 +1,187 @@
+"""Run folders, resumable chunk records, and the tidy CSV tables built from them.
+
+A run folder ``out_dir/<run_id>/`` holds:
+
+* ``config.yaml`` (resolved config) and ``env.json`` (versions, device, git commit);
+* ``chunks/T<T>-c<idx>.json``: one file per finished (T, chunk), written atomically.
+  These are the source of truth: a rerun skips every chunk whose file exists;
+* ``cases.csv``: one row per case x T x metric (probe family), rebuilt from the chunks;
+* ``summary.csv``: one row per editor x model x data x T x metric with the mean, a 95%
+  bootstrap confidence interval and n (DESIGN.md, "Stable interface").
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+SUMMARY_COLUMNS = ["editor", "model", "data", "T", "metric", "mean", "ci_low", "ci_high", "n"]
+CASE_COLUMNS = ["editor", "model", "data", "T", "chunk", "case_id", "metric", "value"]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader never sees a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_csv(path: Path, df: pd.DataFrame) -> None:
+    atomic_write_text(path, df.to_csv(index=False))
+
+
+class RunDir:
+    """One run's folder and its chunk records."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.chunks = self.path / "chunks"
+
+    def chunk_file(self, T: int, idx: int) -> Path:
+        return self.chunks / f"T{T}-c{idx}.json"
+
+    def has_chunk(self, T: int, idx: int) -> bool:
+        return self.chunk_file(T, idx).is_file()
+
+    def write_chunk(self, T: int, idx: int, record: dict[str, Any]) -> None:
+        atomic_write_text(self.chunk_file(T, idx), json.dumps(record, indent=1, sort_keys=True))
+
+    def read_chunks(self) -> list[dict[str, Any]]:
+        if not self.chunks.is_dir():
+            return []
+        return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(self.chunks.glob("T*-c*.json"))]
+
+    def write_env(self, device: str) -> None:
+        import torch
+        import transformers
+
+        env = {"python": platform.python_version(), "platform": platform.platform(),
+               "torch": torch.__version__, "transformers": transformers.__version__,
+               "device": device, "git_commit": _git_commit(),
+               "cpu_threads": torch.get_num_threads()}
+        if device.startswith("cuda") and torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name()
+        atomic_write_text(self.path / "env.json", json.dumps(env, indent=1))
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# --------------------------------------------------------------------------- statistics
+def bootstrap_ci(values: Iterable[float], n_boot: int = 1000, seed: int = 0, level: float = 0.95
+                 ) -> tuple[float, float, float]:
+    """Mean and percentile-bootstrap confidence interval of ``values``."""
+    x = np.asarray(list(values), dtype=float)
+    if x.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(x.mean())
+    if x.size == 1 or np.all(x == x[0]):
+        return mean, mean, mean
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return mean, float(lo), float(hi)
+
+
+# --------------------------------------------------------------------------- tables
+def cases_table(chunks: list[dict[str, Any]], meta: dict[str, str]) -> pd.DataFrame:
+    """One row per case x T x metric, plus per-case edit time and status."""
+    rows = []
+    for ch in chunks:
+        for c in ch["cases"]:
+            base = {**meta, "T": ch["T"], "chunk": ch["chunk"], "case_id": c["case_id"],
+                    "status": c.get("status", "ok"), "error": c.get("error", ""),
+                    "edit_time_s": c.get("edit_time_s"),
+                    "info": json.dumps(c.get("info") or {}, sort_keys=True)}
+            for metric, value in sorted(c.get("metrics", {}).items()):
+                rows.append({**base, "metric": metric, "value": value})
+            if not c.get("metrics"):
+                rows.append({**base, "metric": "", "value": np.nan})
+    cols = CASE_COLUMNS + ["status", "error", "edit_time_s", "info"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def summary_table(chunks: list[dict[str, Any]], meta: dict[str, str], n_boot: int = 1000) -> pd.DataFrame:
+    """Aggregate chunk records into the summary rows of DESIGN.md.
+
+    Case metrics: mean over cases (each case already averaged over its probes) with a
+    bootstrap CI over cases. Edit time: over edits. Inference time: seconds per scored
+    query, bootstrap over chunks. infer_overhead: a chunk's seconds per query after
+    its edits over the same queries' seconds before them. Failed cases are counted in
+    ``failed_cases`` and excluded from the quality metrics.
+    """
+    rows = []
+    for T in sorted({ch["T"] for ch in chunks}):
+        chs = [ch for ch in chunks if ch["T"] == T]
+        cases = [c for ch in chs for c in ch["cases"]]
+        ok = [c for c in cases if c.get("status", "ok") == "ok"]
+        metrics = sorted({m for c in ok for m in c.get("metrics", {})}, key=_metric_order)
+
+        def add(metric: str, values: list[float]) -> None:
+            values = [v for v in values if v is not None and not (isinstance(v, float) and np.isnan(v))]
+            if values:
+                mean, lo, hi = bootstrap_ci(values, n_boot=n_boot)
+                rows.append({**meta, "T": T, "metric": metric, "mean": mean, "ci_low": lo, "ci_high": hi,
+                             "n": len(values)})
+
+        for metric in metrics:
+            add(metric, [c["metrics"][metric] for c in ok if metric in c["metrics"]])
+        add("edit_time_s", [c["edit_time_s"] for c in cases if c.get("edit_time_s") is not None])
+        add("infer_time_s", [ch["timing"]["seconds"] / ch["timing"]["queries"] for ch in chs
+                             if ch.get("timing", {}).get("queries")])
+        add("infer_overhead", [(ch["timing"]["seconds"] / ch["timing"]["queries"])
+                               / (ch["reference_timing"]["seconds"] / ch["reference_timing"]["queries"])
+                               for ch in chs if ch.get("reference_timing", {}).get("queries")
+                               and ch["reference_timing"]["seconds"] > 0])
+        mems = [ch["peak_mem_mb"] for ch in chs if ch.get("peak_mem_mb") is not None]
+        if mems:
+            rows.append({**meta, "T": T, "metric": "peak_mem_mb", "mean": max(mems), "ci_low": max(mems),
+                         "ci_high": max(mems), "n": len(mems)})
+        for key in sorted({k for ch in chs for k in ch.get("editor_stats", {})}):
+            add(f"editor/{key}", [ch["editor_stats"][key] for ch in chs if key in ch.get("editor_stats", {})])
+        for key in sorted({k for ch in chs for k in ch.get("general", {})}):
+            add(f"general/{key}", [ch["general"][key] for ch in chs if key in ch.get("general", {})])
+        n_failed = len(cases) - len(ok)
+        if n_failed:
+            rows.append({**meta, "T": T, "metric": "failed_cases", "mean": float(n_failed), "ci_low": float(n_failed),
+                         "ci_high": float(n_failed), "n": len(cases)})
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+_ORDER = ["reliability", "generality", "locality", "gen_exact_match", "cf_efficacy", "cf_paraphrase",
+          "cf_neighborhood", "unedited"]
+
+
+def _metric_order(metric: str) -> tuple[int, str]:
+    head = metric.split("/")[0]
+    return (_ORDER.index(head) if head in _ORDER else len(_ORDER), metric)
+
+
+def write_tables(run: RunDir, meta: dict[str, str]) -> pd.DataFrame:
+    """Rebuild cases.csv and summary.csv from the chunk records; return the summary."""
+    chunks = run.read_chunks()
+    atomic_write_csv(run.path / "cases.csv", cases_table(chunks, meta))
+    summary = summary_table(chunks, meta)
+    atomic_write_csv(run.path / "summary.csv", summary)
+    return summary

@@ -1,0 +1,317 @@
+"""Batched teacher-forced scoring and greedy generation, through ``editor.logits``.
+
+One definition for every editor (DESIGN.md, "Metrics"):
+
+* A query is a :class:`~editbench.records.Probe` (prompt, target). It is tokenised as
+  ``tok(prompt + " " + target)``; the target tokens are those whose character span
+  starts at or after the end of the prompt (offset mapping of a fast tokenizer; a slow
+  tokenizer falls back to the length of ``tok(prompt)``). The token before each target
+  token predicts it (teacher forcing).
+* :func:`teacher_forced` returns, per query, the argmax token and the log-probability
+  of the target token at every target position. Every metric is computed from those.
+* Batches are sorted by length so that little padding is computed; results come back
+  in the caller's order. Right and left padding give the same numbers as one query at
+  a time because position ids are derived from the attention mask
+  (:func:`model_logits`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from editbench.records import Probe
+
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def model_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Plain forward pass with position ids taken from the mask (padding-side agnostic)."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False)
+    return out.logits
+
+
+def sync(device: torch.device | str | None = None) -> None:
+    """Wait for queued GPU work so that a wall clock reading means something."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------- encoding
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of ``prompt + " " + target``; ``ids[start:]`` are the target tokens."""
+
+    ids: tuple[int, ...]
+    start: int
+
+    @property
+    def target_ids(self) -> tuple[int, ...]:
+        return self.ids[self.start:]
+
+    @property
+    def prompt_ids(self) -> tuple[int, ...]:
+        return self.ids[:self.start]
+
+
+def encode(tok, prompt: str, target: str) -> Encoded:
+    """Tokenise a (prompt, target) pair and find where the target tokens start."""
+    prompt, target = prompt.rstrip(), target.strip()
+    if not target:
+        raise ValueError(f"empty target for prompt {prompt!r}")
+    text = f"{prompt} {target}" if prompt else target
+    if getattr(tok, "is_fast", False):
+        enc = tok(text, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        # special tokens have (0, 0) spans; the first target token's span starts at the space
+        start = next(i for i, (s, e) in enumerate(offsets) if e > s and s >= len(prompt))
+    else:
+        ids = tok(text)["input_ids"]
+        start = len(tok(prompt)["input_ids"]) if prompt else 0
+    if start < 1:
+        raise ValueError(f"prompt {prompt!r} yields no token before the target {target!r}")
+    return Encoded(tuple(ids), start)
+
+
+def encode_probes(tok, probes: Sequence[Probe]) -> list[Encoded]:
+    return [encode(tok, p.prompt, p.target) for p in probes]
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right",
+              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token lists into (input_ids, attention_mask) on ``side``."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        if side == "right":
+            ids[row, :len(s)] = torch.tensor(s)
+            mask[row, :len(s)] = 1
+        else:
+            ids[row, width - len(s):] = torch.tensor(s)
+            mask[row, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# --------------------------------------------------------------------------- teacher forcing
+@dataclass
+class TFResult:
+    """Per target token: the argmax prediction and the target's log-probability."""
+
+    argmax: list[int]
+    logprobs: list[float]
+    target_ids: list[int]
+
+    @property
+    def accuracy(self) -> float:
+        return sum(a == t for a, t in zip(self.argmax, self.target_ids)) / len(self.target_ids)
+
+    @property
+    def mean_nll(self) -> float:
+        return -sum(self.logprobs) / len(self.logprobs)
+
+
+@dataclass
+class Timing:
+    """Seconds spent inside the logits function and the number of queries it served."""
+
+    seconds: float = 0.0
+    queries: int = 0
+
+    def add(self, other: "Timing") -> None:
+        self.seconds += other.seconds
+        self.queries += other.queries
+
+
+@torch.no_grad()
+def teacher_forced(logits_fn: LogitsFn, encoded: Sequence[Encoded], pad_id: int, batch_size: int = 32,
+                   padding_side: str = "right", device: torch.device | str = "cpu"
+                   ) -> tuple[list[TFResult], Timing]:
+    """Score every encoded query by teacher forcing; results follow the input order."""
+    results: list[TFResult | None] = [None] * len(encoded)
+    timing = Timing()
+    for batch in length_batches([len(e.ids) for e in encoded], batch_size):
+        seqs = [encoded[i].ids for i in batch]
+        ids, mask = pad_batch(seqs, pad_id, padding_side, device)
+        sync(device)
+        t0 = time.perf_counter()
+        logits = logits_fn(ids, mask)
+        sync(device)
+        timing.seconds += time.perf_counter() - t0
+        timing.queries += len(batch)
+        if logits.shape[:2] != ids.shape:
+            raise RuntimeError(f"logits shape {tuple(logits.shape)} does not align with input {tuple(ids.shape)}")
+        width = ids.shape[1]
+        rows, cols, targets = [], [], []
+        for row, i in enumerate(batch):
+            e = encoded[i]
+            shift = width - len(e.ids) if padding_side == "left" else 0
+            n_t = len(e.ids) - e.start
+            rows += [row] * n_t
+            cols += [shift + e.start - 1 + k for k in range(n_t)]
+            targets += e.target_ids
+        sel = logits[torch.tensor(rows), torch.tensor(cols)].float()
+        tgt = torch.tensor(targets, device=sel.device)
+        argmax = sel.argmax(-1).tolist()
+        logp = torch.log_softmax(sel, -1).gather(-1, tgt[:, None])[:, 0].tolist()
+        pos = 0
+        for i in batch:
+            n_t = len(encoded[i].ids) - encoded[i].start
+            results[i] = TFResult(argmax[pos:pos + n_t], logp[pos:pos + n_t], list(encoded[i].target_ids))
+            pos += n_t
+    return results, timing  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def greedy_generate(logits_fn: LogitsFn, prompts: Sequence[Sequence[int]], n_new: Sequence[int], pad_id: int,
+                    batch_size: int = 32, device: torch.device | str = "cpu") -> list[list[int]]:
+    """Greedy decoding of ``n_new[i]`` tokens after ``prompts[i]``, through ``logits_fn``.
+
+    No KV cache: editors with hooks or prepended prompts see every step's full input,
+    exactly as in scoring.
+    """
+    out: list[list[int]] = [[] for _ in prompts]
+    for batch in length_batches([len(p) for p in prompts], batch_size):
+        seqs = {i: list(prompts[i]) for i in batch}
+        for step in range(max(n_new[i] for i in batch)):
+            live = [i for i in batch if step < n_new[i]]
+            ids, mask = pad_batch([seqs[i] for i in live], pad_id, "right", device)
+            logits = logits_fn(ids, mask)
+            last = mask.sum(-1) - 1
+            nxt = logits[torch.arange(len(live)), last].argmax(-1).tolist()
+            for i, t in zip(live, nxt):
+                seqs[i].append(t)
+                out[i].append(t)
+    return out
+
+
+# --------------------------------------------------------------------------- per-case metrics
+class Scorer:
+    """Builds every query of a set of cases, scores them in one batched pass, and turns
+    the token-level results into per-case metrics.
+
+    Metrics per case (absent when a case has no probe for them):
+      reliability          token accuracy on (request.prompt, target_new)
+      generality           mean token accuracy over all generality probes
+      generality/<family>  the same per probe family
+      locality             mean over locality probes of the fraction of answer positions
+                           where the argmax equals the unedited model's argmax
+      locality/<family>    the same per family
+      gen_exact_match      greedy decode of len(target_new tokens) tokens == target_new
+                           (decoded text compared after stripping whitespace)
+      cf_efficacy          [if cf_metrics and ground_truth] P(new) > P(true) on the prompt
+      cf_paraphrase        the same on each generality prompt, averaged
+      cf_neighborhood      P(true) > P(new) on each locality prompt, averaged
+    P(.) compares mean per-token negative log-likelihood, as ROME's evaluation does.
+    """
+
+    def __init__(self, tok, batch_size: int = 32, padding_side: str = "right", cf_metrics: bool = False,
+                 exact_match: bool = True, device: torch.device | str = "cpu"):
+        self.tok = tok
+        self.batch_size = batch_size
+        self.padding_side = padding_side
+        self.cf_metrics = cf_metrics
+        self.exact_match = exact_match
+        self.device = device
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self._enc: dict[tuple[str, str], Encoded] = {}
+        #: the unedited model's argmax on each locality probe: case_id -> [tokens per probe]
+        self.locality_reference: dict[str, list[list[int]]] = {}
+
+    def encode(self, prompt: str, target: str) -> Encoded:
+        key = (prompt, target)
+        if key not in self._enc:
+            self._enc[key] = encode(self.tok, prompt, target)
+        return self._enc[key]
+
+    def _queries(self, case) -> list[tuple[str, str, Encoded]]:
+        """(kind, family, encoded) for every teacher-forced query of a case."""
+        r = case.request
+        q = [("rel", "", self.encode(r.prompt, r.target_new))]
+        q += [("gen", fam, self.encode(p.prompt, p.target)) for fam, p in case.probes("generality")]
+        q += [("loc", fam, self.encode(p.prompt, p.target)) for fam, p in case.probes("locality")]
+        if self.cf_metrics and r.ground_truth:
+            q += [("cf_true", "", self.encode(r.prompt, r.ground_truth))]
+            q += [("cf_para_true", "", self.encode(p.prompt, r.ground_truth)) for _, p in case.probes("generality")]
+            q += [("cf_nb_new", "", self.encode(p.prompt, r.target_new)) for _, p in case.probes("locality")]
+        return q
+
+    def score(self, logits_fn: LogitsFn, cases, reference: bool = False) -> tuple[dict[str, dict[str, float]], Timing]:
+        """Per-case metrics of ``cases`` under ``logits_fn`` and the time spent in it.
+
+        With ``reference=True`` the locality argmax of this pass becomes the unedited
+        reference (call it before the first edit); its locality is 1.0 by definition.
+        """
+        per_case = [self._queries(c) for c in cases]
+        flat = [e for qs in per_case for (_, _, e) in qs]
+        results, timing = teacher_forced(logits_fn, flat, self.pad_id, self.batch_size, self.padding_side,
+                                         self.device)
+        out: dict[str, dict[str, float]] = {}
+        pos = 0
+        for case, qs in zip(cases, per_case):
+            res = results[pos:pos + len(qs)]
+            pos += len(qs)
+            if reference:
+                self.locality_reference[case.case_id] = [t.argmax for (k, _, _), t in zip(qs, res) if k == "loc"]
+            out[case.case_id] = self._case_metrics(case, qs, res)
+        if self.exact_match and not reference:
+            gen = greedy_generate(logits_fn, [self.encode(c.request.prompt, c.request.target_new).prompt_ids
+                                              for c in cases],
+                                  [len(self.encode(c.request.prompt, c.request.target_new).target_ids)
+                                   for c in cases], self.pad_id, self.batch_size, self.device)
+            for case, toks in zip(cases, gen):
+                text = self.tok.decode(toks, skip_special_tokens=True).strip()
+                out[case.case_id]["gen_exact_match"] = float(text == case.request.target_new.strip())
+        return out, timing
+
+    def _case_metrics(self, case, qs, res: list[TFResult]) -> dict[str, float]:
+        m: dict[str, float] = {}
+        by_kind: dict[str, list[tuple[str, TFResult]]] = {}
+        for (kind, fam, _), r in zip(qs, res):
+            by_kind.setdefault(kind, []).append((fam, r))
+        rel = by_kind["rel"][0][1]
+        m["reliability"] = rel.accuracy
+        _pooled(m, "generality", [(fam, r.accuracy) for fam, r in by_kind.get("gen", [])])
+        if "loc" in by_kind:
+            ref = self.locality_reference.get(case.case_id)
+            if ref is None:
+                raise RuntimeError(f"case {case.case_id}: no unedited locality reference; score it with "
+                                   "reference=True before editing")
+            _pooled(m, "locality", [(fam, sum(a == b for a, b in zip(r.argmax, ref_t)) / len(ref_t))
+                                    for (fam, r), ref_t in zip(by_kind["loc"], ref)])
+        if "cf_true" in by_kind:
+            m["cf_efficacy"] = float(rel.mean_nll < by_kind["cf_true"][0][1].mean_nll)
+            if "gen" in by_kind:
+                m["cf_paraphrase"] = _mean([float(g.mean_nll < t.mean_nll) for (_, g), (_, t)
+                                            in zip(by_kind["gen"], by_kind["cf_para_true"])])
+            if "loc" in by_kind:
+                m["cf_neighborhood"] = _mean([float(t.mean_nll < n.mean_nll) for (_, t), (_, n)
+                                              in zip(by_kind["loc"], by_kind["cf_nb_new"])])
+        return m
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _pooled(m: dict[str, float], name: str, scored: Sequence[tuple[str, float]]) -> None:
+    """Write the pooled mean under ``name`` and the per-family means under ``name/<family>``."""
+    if not scored:
+        return
+    m[name] = _mean([v for _, v in scored])
+    fams: dict[str, list[float]] = {}
+    for fam, v in scored:
+        fams.setdefault(fam, []).append(v)
+    for fam, vs in fams.items():
+        m[f"{name}/{fam}"] = _mean(vs)

@@ -1,0 +1,1 @@
+"""Editors, one module per method, each registered by name (see editbench.registry)."""

@@ -1,0 +1,59 @@
+"""Shared fixtures: composed configs, tiny random models (seconds), the real SmolLM2 (marked)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from editbench.models import load_model
+from editbench.records import EditCase, EditRequest, Probe
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def compose_cfg(*overrides: str):
+    """The composed Hydra config, exactly as `python -m editbench <overrides>` builds it."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def shared(*parts: str) -> Path:
+    """A path under ../shared/data; skips the test when it is absent (a user's fresh clone)."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present (../shared/data is only beside the development checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return load_model(compose_cfg("model=tiny-llama").model)
+
+
+@pytest.fixture(scope="session")
+def tiny_gptj():
+    return load_model(compose_cfg("model=tiny-gptj").model)
+
+
+@pytest.fixture(scope="session", params=["tiny_llama", "tiny_gptj"])
+def tiny(request):
+    """Each tiny architecture in turn."""
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return load_model(compose_cfg("model=smollm2").model)
+
+
+def toy_cases(n: int = 6) -> list[EditCase]:
+    """Synthetic cases for the tiny random models (which know no facts anyway)."""
+    return [EditCase(case_id=f"toy{i}",
+                     request=EditRequest(f"The capital of Country{i} is", f"City{i}", f"Country{i}", "Paris"),
+                     generality={"rephrase": [Probe(f"Country{i}'s capital city is", f"City{i}")]},
+                     locality={"neighborhood": [Probe(f"The capital of Germany is number {i}", "Berlin"),
+                                                Probe(f"Water boils at {i}", "one hundred degrees")]})
+            for i in range(n)]
