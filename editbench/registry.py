@@ -10,7 +10,7 @@ import importlib
 import pkgutil
 
 EDITORS: dict[str, type] = {}
-_NOT_EDITORS = {"base"}
+_NOT_EDITORS = {"base", "lib"}
 
 
 def register(name: str):

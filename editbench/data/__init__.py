@@ -17,7 +17,8 @@ Files may be JSON (a top-level list) or JSONL. Malformed input raises
 naming the file, the record and the field. With ``skip_invalid=True`` bad records are
 skipped instead: the result's ``n_skipped`` attribute counts them and one warning per
 file is logged. File-level problems (unreadable, not UTF-8, invalid JSON, wrong top
-level) always raise.
+level) always raise. Records that a dataset is known to contain but that cannot be
+edited (zsRE's empty ``alt``) are always skipped, counted and logged the same way.
 
 The result is a :class:`~editbench.data.common.Cases`: a plain ``list`` of EditCase in
 file order with the extra attribute ``n_skipped``. ``limit`` keeps the first ``limit``
@@ -57,7 +58,8 @@ def load_cases(kind: str, path: str | Path | None, limit: int | None = None,
     keeps the first ``limit`` valid cases in file order.
     """
     if kind not in LOADERS:
-        raise ValueError(f"unknown dataset kind {kind!r}; valid kinds: {', '.join(sorted(LOADERS))}")
+        raise ValueError(
+            f"unknown dataset kind {kind!r}; valid kinds: {', '.join(sorted(LOADERS))}")
     if path is None and kind != "sample":
         raise ValueError(f"dataset kind {kind!r} needs a path (data.path=<file or folder>)")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):

@@ -28,9 +28,15 @@ from editbench.records import DataError, EditCase, Probe
 log = logging.getLogger("editbench.data")
 
 
+class UnusableRecord(DataError):
+    """A record of a known, documented kind that a dataset contains but that cannot be
+    edited (zsRE's records with an empty ``alt``). Always skipped and counted, never fatal."""
+
+
 class Cases(list):
-    """A list of :class:`EditCase` that also records how many malformed records were
-    skipped (``n_skipped``; always 0 unless the loader ran with ``skip_invalid=True``)."""
+    """A list of :class:`EditCase` that also says how many records were skipped
+    (``n_skipped``): malformed ones under ``skip_invalid=True``, and
+    :class:`UnusableRecord` ones always."""
 
     def __init__(self, cases=(), n_skipped: int = 0):
         super().__init__(cases)
@@ -99,7 +105,8 @@ def parse_records(
     """Apply ``parse(record, index)`` to each record until ``limit`` cases are collected.
 
     A record that raises DataError stops the load, or is skipped and counted when
-    ``skip_invalid`` is true (one warning per file gives the count and the first error).
+    ``skip_invalid`` is true; an :class:`UnusableRecord` is always skipped and counted.
+    One warning per file gives the count and the first reason.
     """
     cases, skipped, first_error = Cases(), 0, None
     for index, record in enumerate(records):
@@ -108,12 +115,12 @@ def parse_records(
         try:
             cases.append(parse(record, index))
         except DataError as err:
-            if not skip_invalid:
+            if not (skip_invalid or isinstance(err, UnusableRecord)):
                 raise
             skipped += 1
             first_error = first_error or err
     if skipped:
-        log.warning("%s: skipped %d malformed record(s); first: %s", path, skipped, first_error)
+        log.warning("skipped %d record(s) of %s; first: %s", skipped, path, first_error)
     cases.n_skipped = skipped
     return cases
 

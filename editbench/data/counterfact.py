@@ -29,7 +29,8 @@ from editbench.data.common import (
 from editbench.records import EditCase, EditRequest, Probe
 
 
-def load_counterfact(path: str | Path, limit: int | None = None, skip_invalid: bool = False) -> Cases:
+def load_counterfact(path: str | Path, limit: int | None = None,
+                     skip_invalid: bool = False) -> Cases:
     """Load a CounterFact file in the flat or in ROME's layout (auto-detected)."""
     records = read_records(path)
     parse = rome_case if is_rome_layout(records) else flat_case
@@ -87,7 +88,8 @@ def rome_case(record, index: int, path: str | Path) -> EditCase:
         fail(path, index, pre + "prompt", 'no "{}" placeholder for the subject')
     target_new = _target_str(rewrite, "target_new", path, index)
     target_true = _target_str(rewrite, "target_true", path, index)
-    paraphrase = [Probe(p, target_new) for p in require_str_list(rec, "paraphrase_prompts", path, index)]
+    paraphrase = [Probe(p, target_new)
+                  for p in require_str_list(rec, "paraphrase_prompts", path, index)]
     neighborhood = [Probe(p, target_true)
                     for p in require_str_list(rec, "neighborhood_prompts", path, index)]
     return EditCase(

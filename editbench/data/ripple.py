@@ -156,7 +156,8 @@ def original_case(record, index: int, path: str | Path) -> EditCase:
                  {f: probes[f] for f in LOCALITY})
 
 
-def _category(rec: dict, family: str, path, index: int) -> tuple[list[Probe], list[tuple[Any, str]]]:
+def _category(rec: dict, family: str, path,
+              index: int) -> tuple[list[Probe], list[tuple[Any, str]]]:
     """The probes of one category, and the (target id, label) pairs its queries reveal."""
     key = family if family in rec else _ALT_SPELLINGS.get(family, family)
     probes, labels = [], []
@@ -164,7 +165,8 @@ def _category(rec: dict, family: str, path, index: int) -> tuple[list[Probe], li
         field = f"{key}[{t}]"
         test = as_record(test, path, index, field)
         found = []
-        for q, query in enumerate(require_list(test, "test_queries", path, index, prefix=field + ".")):
+        queries = require_list(test, "test_queries", path, index, prefix=field + ".")
+        for q, query in enumerate(queries):
             qfield = f"{field}.test_queries[{q}]"
             query = as_record(query, path, index, qfield)
             prompt = require_str(query, "prompt", path, index, prefix=qfield + ".")
@@ -184,17 +186,19 @@ def _answers(query: dict, path, index: int, qfield: str) -> list[list[str]]:
         afield = f"{qfield}.answers[{a}]"
         answer = as_record(answer, path, index, afield)
         value = require_str(answer, "value", path, index, allow_empty=True, prefix=afield + ".")
+        aliases = optional_list(answer, "aliases", path, index, afield + ".")
         aliases = [check_str(alias, path, index, f"{afield}.aliases[{k}]", allow_empty=True)
-                   for k, alias in enumerate(optional_list(answer, "aliases", path, index, afield + "."))]
+                   for k, alias in enumerate(aliases)]
         out.append([value, *aliases])
     return out
 
 
 def _labels(query: dict, answers: list[list[str]]) -> list[tuple[Any, str]]:
     """(target id, label) pairs of a regular query, whose answers follow its target_ids."""
-    if query.get("query_type", "regular") != "regular" or not isinstance(query.get("target_ids"), list):
+    ids = query.get("target_ids")
+    if query.get("query_type", "regular") != "regular" or not isinstance(ids, list):
         return []
-    return [(tid, answer[0]) for tid, answer in zip(query["target_ids"], answers) if answer[0]]
+    return [(tid, answer[0]) for tid, answer in zip(ids, answers) if answer[0]]
 
 
 def _without_period(sentence: str) -> str:

@@ -1,0 +1,1 @@
+"""Math and utilities shared by several editors (not an editor itself)."""
