@@ -1,7 +1,16 @@
-"""``python -m editbench editor=<name> model=<name> data=<name> [overrides]``."""
+"""``python -m editbench editor=<name> model=<name> data=<name> [overrides]``.
+
+Exit status: 0 done; 1 an unexpected error (Hydra prints the traceback; also Hydra's own
+errors, e.g. an unknown ``editor=``/``model=``/``data=`` name, which list the valid
+options); 2 bad input or configuration (one line, no traceback); 3 an editor's
+``reset()`` did not restore the model (one line naming the editor); 130 / 143
+interrupted by SIGINT / SIGTERM (finished chunks are kept; rerun the same command to
+resume). See docs/reliability.md.
+"""
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import hydra
@@ -12,16 +21,38 @@ from editbench.records import DataError
 log = logging.getLogger("editbench")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that the run stops the way Ctrl-C stops it:
+    the model is reset, no partial file is left, finished chunks stay on disk."""
+
+
+def _on_sigterm(signum, frame):
+    # A second SIGTERM while we wind down kills the process at once (default action).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated()
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from editbench.runner import run
+    from editbench.results import RunFolderBusy
+    from editbench.runner import RestoreError, run
 
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         path = run(cfg)
-    except (DataError, ValueError, FileNotFoundError) as err:
+    except (DataError, ValueError, FileNotFoundError, RunFolderBusy) as err:
         # Bad input or configuration: one clear line, no stack trace. Finished chunks stay on disk.
         log.error("%s", err)
         sys.exit(2)
+    except RestoreError as err:
+        log.error("%s", " ".join([str(err), *getattr(err, "__notes__", [])]))
+        sys.exit(3)
+    except KeyboardInterrupt as err:
+        which = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
+        log.error("stopped by %s; finished chunks are kept, rerun the same command to resume", which)
+        sys.exit(143 if isinstance(err, Terminated) else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"results: {path}")
 
 

@@ -102,7 +102,7 @@ _FAMILIES: dict[str, dict[str, Any]] = {
         layer="gpt_neox.layers.{}", mlp="gpt_neox.layers.{}.mlp",
         mlp_in="gpt_neox.layers.{}.mlp.dense_h_to_4h", mlp_out="gpt_neox.layers.{}.mlp.dense_4h_to_h",
         attn="gpt_neox.layers.{}.attention", attn_out="gpt_neox.layers.{}.attention.dense",
-        ln_f="gpt_neox.final_layer_norm", embed="gpt_neox.embed_in", lm_head="embed_out"),
+        ln_f="gpt_neox.final_layer_norm", embed="gpt_neox.embed_in", lm_head="lm_head"),
 }
 # model_type -> family; LLaMA-like decoders share the llama module names.
 _MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gptj": "gptj",
@@ -118,7 +118,12 @@ def arch_spec(model: nn.Module) -> ArchSpec:
         raise ValueError(f"model_type '{cfg.model_type}' has no ArchSpec; supported: {sorted(_MODEL_TYPES)}")
     n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer")
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
-    return ArchSpec(family=family, n_layers=n_layers, hidden_size=hidden, **_FAMILIES[family])
+    names = dict(_FAMILIES[family])
+    # The output head's attribute name changed across transformers versions (GPT-NeoX:
+    # embed_out -> lm_head); take it from the model itself.
+    head = model.get_output_embeddings()
+    names["lm_head"] = next((n for n, m in model.named_modules() if m is head), names["lm_head"])
+    return ArchSpec(family=family, n_layers=n_layers, hidden_size=hidden, **names)
 
 
 def family_of(model_cfg: Mapping[str, Any]) -> str | None:

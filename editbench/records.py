@@ -63,3 +63,10 @@ class DataError(ValueError):
         if field_name:
             where += f", field '{field_name}'"
         super().__init__(f"{where}: {problem}")
+
+
+class EditFailed(RuntimeError):
+    """Raised by an editor when it cannot make one edit: a numerical failure of the method
+    on that request (a singular system, a diverged optimisation). The runner marks the case
+    failed, restores the model and goes on (docs/reliability.md); any other exception
+    raised by an editor stops the run."""

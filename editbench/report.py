@@ -59,7 +59,7 @@ def to_markdown(table: pd.DataFrame, digits: int = 3) -> str:
     sep = "|---|" + "---:|" * len(table.columns)
     lines = [head, sep]
     for editor, row in table.iterrows():
-        cells = ["" if pd.isna(v) else f"{v:.{digits}g}" if abs(v) < 1e-2 else f"{v:.{digits}f}" for v in row]
+        cells = ["" if pd.isna(v) else f"{v:.{digits}g}" if v != 0 and abs(v) < 1e-2 else f"{v:.{digits}f}" for v in row]
         lines.append(f"| {editor} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

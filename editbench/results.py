@@ -8,22 +8,42 @@ A run folder ``out_dir/<run_id>/`` holds:
 * ``cases.csv``: one row per case x T x metric (probe family), rebuilt from the chunks;
 * ``summary.csv``: one row per editor x model x data x T x metric with the mean, a 95%
   bootstrap confidence interval and n (DESIGN.md, "Stable interface").
+* ``.lock``: held (``flock``) by the process running the folder, so that two processes
+  never compute the same chunks; the kernel releases it when the process dies.
+
+Every file is written atomically (a temporary file in the same folder, then
+``os.replace``); a temporary file left by a killed process is removed by the next run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import platform
+import re
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 
 SUMMARY_COLUMNS = ["editor", "model", "data", "T", "metric", "mean", "ci_low", "ci_high", "n"]
 CASE_COLUMNS = ["editor", "model", "data", "T", "chunk", "case_id", "metric", "value"]
+#: summary metrics that measure time or memory: they differ between two runs of the same
+#: config; every other metric is reproducible (docs/reliability.md, "Determinism")
+NONDETERMINISTIC_METRICS = ("edit_time_s", "infer_time_s", "infer_overhead", "peak_mem_mb")
+
+log = logging.getLogger(__name__)
+#: names of the temporary files atomic_write_text creates for the files of a run folder
+_PARTIAL = re.compile(
+    r"^\.(config\.yaml|env\.json|cases\.csv|summary\.csv|metrics\.png|T\d+-c\d+\.json)\.[^.]+(\.png)?$")
+
+
+class RunFolderBusy(RuntimeError):
+    """Another live process holds the run folder's lock."""
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -62,10 +82,55 @@ class RunDir:
     def write_chunk(self, T: int, idx: int, record: dict[str, Any]) -> None:
         atomic_write_text(self.chunk_file(T, idx), json.dumps(record, indent=1, sort_keys=True))
 
+    def read_chunk(self, T: int, idx: int) -> dict[str, Any]:
+        """The record of a finished chunk; a file that is not one is a clear error."""
+        return _read_record(self.chunk_file(T, idx))
+
     def read_chunks(self) -> list[dict[str, Any]]:
         if not self.chunks.is_dir():
             return []
-        return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(self.chunks.glob("T*-c*.json"))]
+        return [_read_record(p) for p in sorted(self.chunks.glob("T*-c*.json"))]
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder's lock for the duration; fail at once if another process holds it."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            yield
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".lock", "a+", encoding="utf-8") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "?"
+                raise RunFolderBusy(f"run folder {self.path} is in use by another process (pid {holder}); "
+                                    "wait for it or use another out_dir") from None
+            except OSError as err:  # e.g. a file system without locks
+                log.warning("cannot lock %s (%s); not guarding against a second process", self.path, err)
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def remove_partial_files(self) -> list[Path]:
+        """Delete the temporary files a killed process left behind (call under the lock)."""
+        removed = []
+        for folder in (self.path, self.chunks):
+            if folder.is_dir():
+                for p in folder.iterdir():
+                    if _PARTIAL.match(p.name) and p.is_file():
+                        p.unlink()
+                        removed.append(p)
+        if removed:
+            log.info("removed %d partial file(s) left by an interrupted run in %s", len(removed), self.path)
+        return removed
 
     def write_env(self, device: str) -> None:
         import torch
@@ -78,6 +143,16 @@ class RunDir:
         if device.startswith("cuda") and torch.cuda.is_available():
             env["gpu"] = torch.cuda.get_device_name()
         atomic_write_text(self.path / "env.json", json.dumps(env, indent=1))
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict) or not isinstance(record.get("cases"), list):
+            raise ValueError("no 'cases' list")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a valid chunk record ({err}); delete it to recompute that chunk") from None
+    return record
 
 
 def _git_commit() -> str | None:
@@ -153,7 +228,8 @@ def summary_table(chunks: list[dict[str, Any]], meta: dict[str, str], n_boot: in
         add("infer_overhead", [(ch["timing"]["seconds"] / ch["timing"]["queries"])
                                / (ch["reference_timing"]["seconds"] / ch["reference_timing"]["queries"])
                                for ch in chs if ch.get("reference_timing", {}).get("queries")
-                               and ch["reference_timing"]["seconds"] > 0])
+                               and ch["reference_timing"]["seconds"] > 0
+                               and ch.get("timing", {}).get("queries")])  # 0 when every edit failed
         mems = [ch["peak_mem_mb"] for ch in chs if ch.get("peak_mem_mb") is not None]
         if mems:
             rows.append({**meta, "T": T, "metric": "peak_mem_mb", "mean": max(mems), "ci_low": max(mems),

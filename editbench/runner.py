@@ -15,12 +15,29 @@ is dropped and reported), and for each chunk:
 
 Each finished (T, chunk) is written atomically to ``chunks/``; a rerun of the same
 command skips it, so an interrupted run loses at most the chunk in progress.
+
+Failures (docs/reliability.md):
+
+* An edit that leaves NaN/Inf in a parameter it touched, or that raises
+  :class:`~editbench.records.EditFailed` or ``torch.linalg.LinAlgError``, fails its
+  case: the case is recorded with ``status="failed"`` and the reason, the editor is
+  reset and the chunk's earlier successful edits are replayed (each edit is seeded by
+  (seed, T, chunk, position), so the replay reproduces them), and the chunk goes on
+  without the failed edit. A case whose post-edit logits hold NaN/Inf fails the same way.
+  Failed cases are counted in ``failed_cases`` and left out of the quality means.
+* Any other exception stops the run: the model is reset first (callers that pass ``lm``
+  get it back clean) and the chunk in progress is not written.
+* A reset that does not restore the model bit for bit raises :class:`RestoreError`
+  naming the editor; the chunk is not written.
+* Bad cases (a query that cannot be tokenised or is longer than the model's context)
+  raise a one-line :class:`~editbench.records.DataError` before the first edit.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 import random
 import resource
 import time
@@ -28,17 +45,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from editbench import results
-from editbench.models import LoadedModel, load_model
-from editbench.records import EditCase
+from editbench.models import SUPPORTED_FAMILIES, LoadedModel, load_model
+from editbench.records import DataError, EditCase, EditFailed
 from editbench.registry import editor_class
-from editbench.scoring import Scorer, sync
+from editbench.scoring import Scorer, Timing, sync
 
 log = logging.getLogger(__name__)
+
+#: exceptions that an edit may raise to say it failed numerically (the case fails, the run goes on)
+NUMERICAL_FAILURES = (EditFailed, torch.linalg.LinAlgError)
 
 
 # --------------------------------------------------------------------------- planning
@@ -75,26 +96,126 @@ def run_id(cfg: DictConfig) -> str:
     return f"{cfg.editor.name}_{cfg.model.name}_{cfg.data.name}_{digest}"
 
 
-# --------------------------------------------------------------------------- restore check
-class WeightGuard:
-    """Checksums of the original parameters and the module tree, to verify a reset.
+def check_unique_ids(cases: Sequence[EditCase]) -> None:
+    """Every result is keyed by case_id: two cases with one id would overwrite each other."""
+    seen: dict[str, EditCase] = {}
+    for case in cases:
+        if case.case_id in seen:
+            raise ValueError(f"duplicate case_id {case.case_id!r}: {seen[case.case_id].source or 'a case'} and "
+                             f"{case.source or 'another case'}")
+        seen[case.case_id] = case
 
-    Every parameter is hashed once at the start; after each reset only the parameters
-    the editor reports as touched are hashed again, so the check stays cheap.
+
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's position encoding is configured for."""
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+def check_cases(cases: Sequence[EditCase], scorer: Scorer, max_len: int | None) -> None:
+    """Tokenise every query the scorer will ask before the first edit, so that a bad case
+    stops the run at once with a one-line DataError naming its record and field, instead
+    of failing hours later (or, past the model's context, giving garbage)."""
+    for case in cases:
+        r = case.request
+        queries = [("request", r.prompt, r.target_new)]
+        queries += [(f"generality.{fam}[{j}]", p.prompt, p.target)
+                    for fam, ps in case.generality.items() for j, p in enumerate(ps)]
+        queries += [(f"locality.{fam}[{j}]", p.prompt, p.target)
+                    for fam, ps in case.locality.items() for j, p in enumerate(ps)]
+        if scorer.cf_metrics and r.ground_truth:
+            queries += [("request.ground_truth", r.prompt, r.ground_truth)]
+            queries += [(f"generality.{fam}[{j}] with ground_truth", p.prompt, r.ground_truth)
+                        for fam, ps in case.generality.items() for j, p in enumerate(ps)]
+            queries += [(f"locality.{fam}[{j}] with target_new", p.prompt, r.target_new)
+                        for fam, ps in case.locality.items() for j, p in enumerate(ps)]
+        for field, prompt, target in queries:
+            try:
+                enc = scorer.encode(prompt, target)
+            except Exception as err:  # noqa: BLE001 - any tokeniser failure is bad input
+                raise _case_error(case, field, f"cannot be tokenised ({type(err).__name__}: {err})") from None
+            if max_len and len(enc.ids) > max_len:
+                raise _case_error(case, field, f"prompt + target is {len(enc.ids)} tokens, longer than the "
+                                               f"model's {max_len} positions")
+
+
+def _case_error(case: EditCase, field: str, problem: str) -> DataError:
+    path, _, index = case.source.rpartition("#")
+    if path and index.isdigit():
+        return DataError(path, int(index), field, f"case {case.case_id}: {problem}")
+    return DataError(f"case {case.case_id}", None, field, problem)
+
+
+def edit_seed(seed: int, T: int, idx: int, k: int) -> int:
+    """The seed set before edit ``k`` of chunk ``idx`` of T (so a replay repeats the edit)."""
+    return int(hashlib.sha256(f"{seed}:{T}:{idx}:{k}".encode()).hexdigest()[:8], 16)
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+# --------------------------------------------------------------------------- restore check
+class RestoreError(RuntimeError):
+    """An editor's reset() did not return the model to its original state (an editor bug)."""
+
+
+class WeightGuard:
+    """Checksums of the original parameters, buffers and module tree, to verify a reset.
+
+    Everything is hashed once at the start; after each reset only the parameters the
+    editor reports as touched are hashed again, so the check stays cheap.
+    :meth:`verify_all` re-hashes everything (the runner does it after the first chunk it
+    computes and at the end of the run) to catch changes an editor did not report.
     """
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.digests = {n: _digest(p) for n, p in model.named_parameters()}
+        memo: dict[int, str] = {}  # tied weights are one tensor under two names: hash it once
+        self.digests: dict[str, str] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            if id(p) not in memo:
+                memo[id(p)] = _digest(p)
+            self.digests[n] = memo[id(p)]
+        self.buffer_digests = {n: _digest(b) for n, b in model.named_buffers()}
         self.structure = _structure(model)
 
     def verify(self, touched: Sequence[str], editor: str) -> None:
-        bad = [n for n in touched if _digest(self.model.get_parameter(n)) != self.digests.get(n)]
+        """The touched parameters are bit-identical and the module tree is unchanged."""
+        bad = [n for n in touched if self._param_digest(n) != self.digests.get(n)]
         if bad:
-            raise RuntimeError(f"editor '{editor}': reset() did not restore {len(bad)} parameter(s) bit for bit: "
+            raise RestoreError(f"editor '{editor}': reset() did not restore {len(bad)} parameter(s) bit for bit: "
                                f"{bad[:5]}")
-        if _structure(self.model) != self.structure:
-            raise RuntimeError(f"editor '{editor}': reset() left modules replaced, added or hooked")
+        self._verify_structure(editor)
+
+    def verify_all(self, editor: str) -> None:
+        """Every parameter and buffer is bit-identical (also those not reported as touched)."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        bad = [n for n, d in self.digests.items() if n not in params or _digest(params[n]) != d]
+        buffers = dict(self.model.named_buffers())
+        bad += [n for n, d in self.buffer_digests.items() if n not in buffers or _digest(buffers[n]) != d]
+        if bad:
+            raise RestoreError(f"editor '{editor}': {len(bad)} parameter(s)/buffer(s) differ from the original "
+                               f"after reset(), not all reported by touched_parameters(): {bad[:5]}")
+        self._verify_structure(editor)
+
+    def _param_digest(self, name: str) -> str | None:
+        try:
+            return _digest(self.model.get_parameter(name))
+        except AttributeError:  # not a parameter of the model (any more)
+            return None
+
+    def _verify_structure(self, editor: str) -> None:
+        now = _structure(self.model)
+        if now != self.structure:
+            diff = next(((a, b) for a, b in zip(self.structure, now) if a != b), None)
+            if diff is None:
+                where = f"{abs(len(now) - len(self.structure))} module(s) added or removed"
+            else:
+                where = f"module '{diff[0][0]}' was {diff[0][1:]} and is {diff[1][1:]} (type, hooks)"
+            raise RestoreError(f"editor '{editor}': reset() left modules replaced, added or hooked: {where}")
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -105,6 +226,19 @@ def _digest(t: torch.Tensor) -> str:
 def _structure(model: torch.nn.Module) -> list[tuple[str, str, int, int, int]]:
     return [(name, type(m).__name__, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
             for name, m in model.named_modules()]
+
+
+def nonfinite_parameters(model: torch.nn.Module, names: Sequence[str]) -> list[str]:
+    """The named parameters that hold a NaN or an infinity."""
+    bad = []
+    for n in names:
+        try:
+            p = model.get_parameter(n)
+        except AttributeError:
+            continue
+        if not bool(torch.isfinite(p).all()):
+            bad.append(n)
+    return bad
 
 
 def peak_mem_mb(device: torch.device) -> float:
@@ -139,6 +273,9 @@ def check_compatible(cfg: DictConfig) -> type:
     """Fail before loading weights when the editor does not support the model's family."""
     cls = editor_class(cfg.editor.name)
     family = cfg.model.get("family")
+    if family is not None and family not in SUPPORTED_FAMILIES:
+        raise ValueError(f"model '{cfg.model.name}' declares family '{family}', which has no ArchSpec; "
+                         f"supported families: {', '.join(SUPPORTED_FAMILIES)}")
     if cls.supported_families is not None and family is not None and family not in cls.supported_families:
         raise ValueError(f"editor '{cls.name}' does not support the {family} architecture of model "
                          f"'{cfg.model.name}'; it supports: {', '.join(cls.supported_families)}")
@@ -156,46 +293,115 @@ def run(cfg: DictConfig, cases: Sequence[EditCase] | None = None,
         from editbench.data import load_cases
 
         cases = load_cases(cfg.data.kind, cfg.data.get("path"))
+    check_unique_ids(cases)
     selected = select_cases(cases, cfg.runner.n_cases, cfg.runner.seed, cfg.runner.shuffle)
     run = results.RunDir(Path(cfg.out_dir) / run_id(cfg))
-    run.path.mkdir(parents=True, exist_ok=True)
-    results.atomic_write_text(run.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     meta = {"editor": cfg.editor.name, "model": cfg.model.name, "data": cfg.data.name}
-
-    plan = []
-    for T in cfg.runner.steps:
-        chunks, dropped = chunks_of(selected, int(T))
-        if dropped:
-            log.warning("T=%d: %d case(s) do not fill a last chunk and are dropped", T, dropped)
-        if not chunks:
-            log.warning("T=%d: fewer than %d cases selected; no chunk to run", T, T)
-        plan += [(int(T), i, ch) for i, ch in enumerate(chunks)]
-    todo = [(T, i, ch) for T, i, ch in plan if not run.has_chunk(T, i)]
-    log.info("run %s: %d chunk(s) planned, %d already done", run.path, len(plan), len(plan) - len(todo))
-
-    if todo:
-        if lm is None:
-            lm = load_model(cfg.model)
-        run.write_env(str(lm.model.device if hasattr(lm.model, "device") else "cpu"))
-        editor = build_editor(cfg, lm)
-        if cls.needs_training:
-            editor.fit(_train_cases(cfg))
-        scorer = Scorer(lm.tokenizer, batch_size=cfg.runner.batch_size, padding_side=cfg.runner.padding_side,
-                        cf_metrics=bool(cfg.data.get("cf_metrics", False)),
-                        exact_match=bool(cfg.runner.exact_match), device=editor.device)
-        ctx = Context(cfg, lm, editor, scorer, WeightGuard(lm.model), run, after_edit_hooks={})
-        for name, hook in _after_edit_hooks(cfg, lm).items():
-            ctx.after_edit_hooks[name] = hook
-        bar = tqdm(todo, desc=f"{cfg.editor.name} chunks", disable=not cfg.runner.progress)
-        for T, i, chunk in bar:
-            bar.set_postfix(T=T)
-            run.write_chunk(T, i, run_chunk(ctx, T, i, chunk))
-    summary = results.write_tables(run, meta)
-    from editbench.report import plot_run
-
-    plot_run(summary, run.path / "metrics.png")
+    with run.lock():
+        run.remove_partial_files()
+        results.atomic_write_text(run.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        plan = []
+        for T in cfg.runner.steps:
+            chunks, dropped = chunks_of(selected, int(T))
+            if dropped:
+                log.warning("T=%d: %d case(s) do not fill a last chunk and are dropped", T, dropped)
+            if not chunks:
+                log.warning("T=%d: fewer than %d cases selected; no chunk to run", T, T)
+            plan += [(int(T), i, ch) for i, ch in enumerate(chunks)]
+        todo = _check_finished_chunks(run, plan)
+        log.info("run %s: %d chunk(s) planned, %d already done", run.path, len(plan), len(plan) - len(todo))
+        if todo:
+            _run_chunks(cfg, cls, run, todo, lm)
+        summary = results.write_tables(run, meta)
+        _plot(summary, run.path / "metrics.png")
     log.info("wrote %s", run.path / "summary.csv")
     return run.path
+
+
+def _check_finished_chunks(run: results.RunDir, plan: list[tuple[int, int, list[EditCase]]]
+                           ) -> list[tuple[int, int, list[EditCase]]]:
+    """The planned chunks still to compute; every finished one must hold the cases the plan
+    puts in it (else the data or the selection changed under the same config)."""
+    todo, planned = [], {}
+    for T, i, chunk in plan:
+        planned.setdefault(T, set()).add(i)
+        if not run.has_chunk(T, i):
+            todo.append((T, i, chunk))
+            continue
+        record = run.read_chunk(T, i)
+        have = [str(c.get("case_id")) for c in record["cases"]]
+        want = [c.case_id for c in chunk]
+        if have != want:
+            raise ValueError(f"{run.chunk_file(T, i)} holds cases {_short(have)} but this run puts {_short(want)} "
+                             f"in chunk {i} of T={T}: the data changed since it was computed; use another "
+                             f"out_dir or delete {run.path}")
+    for T, indices in planned.items():
+        extra = sorted(p.name for p in run.chunks.glob(f"T{T}-c*.json")
+                       if int(p.stem.split("-c")[1]) not in indices) if run.chunks.is_dir() else []
+        if extra:
+            raise ValueError(f"{run.chunks} holds chunk(s) {extra[:3]} that this run does not plan for T={T}: "
+                             f"the data changed since they were computed; use another out_dir or delete {run.path}")
+    return todo
+
+
+def _short(ids: list[str]) -> str:
+    return str(ids if len(ids) <= 4 else ids[:3] + [f"... ({len(ids)} cases)"])
+
+
+def _run_chunks(cfg: DictConfig, cls: type, run: results.RunDir, todo: list, lm: LoadedModel | None) -> None:
+    if lm is None:
+        lm = load_model(cfg.model)
+    run.write_env(str(lm.model.device if hasattr(lm.model, "device") else "cpu"))
+    editor = build_editor(cfg, lm)
+    if cls.needs_training:
+        editor.fit(_train_cases(cfg))
+    scorer = Scorer(lm.tokenizer, batch_size=cfg.runner.batch_size, padding_side=cfg.runner.padding_side,
+                    cf_metrics=bool(cfg.data.get("cf_metrics", False)),
+                    exact_match=bool(cfg.runner.exact_match), device=editor.device)
+    check_cases([c for _, _, chunk in todo for c in chunk], scorer, max_positions(lm.model))
+    lm.model.eval()
+    ctx = Context(cfg, lm, editor, scorer, WeightGuard(lm.model), run, after_edit_hooks={})
+    for name, hook in _after_edit_hooks(cfg, lm).items():
+        ctx.after_edit_hooks[name] = hook
+    written: list[Path] = []
+    bar = tqdm(todo, desc=f"{cfg.editor.name} chunks", disable=not cfg.runner.progress)
+    for T, i, chunk in bar:
+        bar.set_postfix(T=T)
+        try:
+            record = run_chunk(ctx, T, i, chunk)
+            if not written:  # once per process: also the parameters the editor did not report
+                ctx.guard.verify_all(editor.name)
+        except KeyboardInterrupt:
+            log.error("interrupted during chunk %d of T=%d: it is not written; %d finished chunk(s) are kept "
+                      "in %s; rerun the same command to resume", i, T, len(list(run.chunks.glob("T*-c*.json")))
+                      if run.chunks.is_dir() else 0, run.path)
+            raise
+        run.write_chunk(T, i, record)
+        written.append(run.chunk_file(T, i))
+    try:
+        ctx.guard.verify_all(editor.name)
+    except RestoreError as err:
+        # Some chunk of this process changed the model for good: none of them can be trusted.
+        rejected = run.chunks / "rejected"
+        rejected.mkdir(exist_ok=True)
+        for path in written:
+            os.replace(path, rejected / path.name)
+        err.add_note(f"the {len(written)} chunk(s) computed by this run were moved to {rejected}")
+        raise
+
+
+def _plot(summary, path: Path) -> None:
+    """plot_run into a temporary file, then rename it (never a half-written png)."""
+    from editbench.report import plot_run
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.png")
+    try:
+        plot_run(summary, tmp)
+        if tmp.exists():
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _train_cases(cfg: DictConfig) -> list[EditCase]:
@@ -218,50 +424,139 @@ def _after_edit_hooks(cfg: DictConfig, lm: LoadedModel) -> dict[str, Callable]:
 
 
 def run_chunk(ctx: Context, T: int, idx: int, chunk: list[EditCase]) -> dict[str, Any]:
-    """Edit, score, reset and verify one chunk; return its record."""
-    cfg, editor, scorer = ctx.cfg, ctx.editor, ctx.scorer
-    torch.manual_seed(int(cfg.runner.seed) * 1_000_003 + T * 1009 + idx)
+    """Edit, score, reset and verify one chunk; return its record.
+
+    Whatever goes wrong (an exception, Ctrl-C, SIGTERM), the editor is reset before the
+    exception leaves, so a model passed in by the caller comes back unedited.
+    """
+    try:
+        return _run_chunk(ctx, T, idx, chunk)
+    except BaseException as err:
+        try:
+            ctx.editor.reset()
+        except Exception as reset_err:  # noqa: BLE001 - report both
+            err.add_note(f"and reset() after it failed too: {type(reset_err).__name__}: {reset_err}")
+        raise
+
+
+def _run_chunk(ctx: Context, T: int, idx: int, chunk: list[EditCase]) -> dict[str, Any]:
+    cfg, editor, scorer, model = ctx.cfg, ctx.editor, ctx.scorer, ctx.lm.model
+    seed = int(cfg.runner.seed)
+    _seed_all(edit_seed(seed, T, idx, -1))
     device = editor.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    model.eval()
     unedited, ref_timing = scorer.score(editor.logits, chunk, reference=True)
+    if scorer.nonfinite:
+        cid, what = next(iter(scorer.nonfinite.items()))
+        raise RuntimeError(f"the unedited model gives NaN/Inf logits on case {cid} ({', '.join(what)}) before any "
+                           f"edit: check model.dtype (float16 overflows on some models) and the model weights")
 
-    infos: list[dict[str, Any] | None] = []
-    times: list[float] = []
-    progress = cfg.runner.progress and T >= 10
+    #: position in the chunk -> why its edit failed
+    failures: dict[int, str] = {}
+    infos: list[dict[str, Any] | None] = [None] * T
+    times: list[float | None] = [None] * T
     if cfg.runner.batch_edit:
+        _seed_all(edit_seed(seed, T, idx, 0))
         sync(device)
         t0 = time.perf_counter()
-        info = editor.edit_batch([c.request for c in chunk])
+        info, fault = _attempt(editor.edit_batch, [c.request for c in chunk])
         sync(device)
         times = [(time.perf_counter() - t0) / T] * T
-        infos = [info] * T
+        fault = fault or _nonfinite_fault(model, editor.touched_parameters())
+        if fault:
+            failures = {k: fault for k in range(T)}
+            log.warning("T=%d chunk %d: the batched edit failed (%s); all %d cases are marked failed", T, idx, fault, T)
+            _reset_and_verify(ctx)
+        else:
+            infos = [info] * T
     else:
-        for case in tqdm(chunk, desc=f"T={T} edits", leave=False, disable=not progress):
+        applied: list[int] = []
+        progress = cfg.runner.progress and T >= 10
+        for k, case in enumerate(tqdm(chunk, desc=f"T={T} edits", leave=False, disable=not progress)):
+            _seed_all(edit_seed(seed, T, idx, k))
             sync(device)
             t0 = time.perf_counter()
-            infos.append(editor.edit(case.request))
+            try:
+                info, fault = _attempt(editor.edit, case.request)
+            except Exception as err:
+                err.add_note(f"editor '{editor.name}', edit {k + 1} of {T} in chunk {idx} of T={T}: case "
+                             f"{case.case_id} ({case.source or 'no source'})")
+                raise
             sync(device)
-            times.append(time.perf_counter() - t0)
+            times[k] = time.perf_counter() - t0
+            fault = fault or _nonfinite_fault(model, editor.touched_parameters())
+            if fault is None:
+                infos[k] = info
+                applied.append(k)
+                continue
+            failures[k] = fault
+            log.warning("T=%d chunk %d: edit of case %s failed (%s); resetting the editor and replaying the %d "
+                        "earlier edit(s) of the chunk", T, idx, case.case_id, fault, len(applied))
+            _reset_and_verify(ctx)
+            _replay(ctx, chunk, applied, seed, T, idx)
 
-    edited, timing = scorer.score(editor.logits, chunk)
-    extra = {name: hook(editor, T, idx) for name, hook in ctx.after_edit_hooks.items()}
+    ok = [c for k, c in enumerate(chunk) if k not in failures]
+    model.eval()
+    edited, timing = scorer.score(editor.logits, ok) if ok else ({}, Timing())
+    logit_faults = {cid: f"NaN/Inf logits after the edits on {', '.join(what)}"
+                    for cid, what in scorer.nonfinite.items()} if ok else {}
+    extra = {name: hook(editor, T, idx) for name, hook in ctx.after_edit_hooks.items()} if ok else {}
     stats = editor.stats()
-    touched = editor.touched_parameters()
-    editor.reset()
-    ctx.guard.verify(touched, editor.name)
+    _reset_and_verify(ctx)
 
     cases = []
-    for case, info, t in zip(chunk, infos, times):
-        metrics = dict(edited[case.case_id])
-        for k in ("reliability", "generality"):
-            if k in unedited[case.case_id]:
-                metrics[f"unedited/{k}"] = unedited[case.case_id][k]
-        cases.append({"case_id": case.case_id, "edit_time_s": t, "info": info or {}, "status": "ok",
-                      "metrics": metrics})
+    for k, case in enumerate(chunk):
+        entry: dict[str, Any] = {"case_id": case.case_id, "edit_time_s": times[k], "info": infos[k] or {},
+                                 "status": "ok", "metrics": {}}
+        error = failures.get(k) or logit_faults.get(case.case_id)
+        if error:
+            entry.update(status="failed", error=error)
+        else:
+            metrics = dict(edited[case.case_id])
+            for key in ("reliability", "generality"):
+                if key in unedited[case.case_id]:
+                    metrics[f"unedited/{key}"] = unedited[case.case_id][key]
+            entry["metrics"] = metrics
+        cases.append(entry)
     record = {"T": T, "chunk": idx, "cases": cases, "editor_stats": stats, "peak_mem_mb": peak_mem_mb(device),
               "timing": {"seconds": timing.seconds, "queries": timing.queries},
               "reference_timing": {"seconds": ref_timing.seconds, "queries": ref_timing.queries}}
     record.update(extra)
     return record
+
+
+def _attempt(fn: Callable, arg: Any) -> tuple[Any, str | None]:
+    """``fn(arg)``; a numerical failure it raises becomes a one-line reason instead."""
+    try:
+        return fn(arg), None
+    except NUMERICAL_FAILURES as err:
+        return None, " ".join(f"{type(err).__name__}: {err}".split())
+
+
+def _nonfinite_fault(model: torch.nn.Module, touched: Sequence[str]) -> str | None:
+    bad = nonfinite_parameters(model, touched)
+    if not bad:
+        return None
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    return f"NaN/Inf weights after the edit in {', '.join(bad[:3])}{more}"
+
+
+def _reset_and_verify(ctx: Context) -> None:
+    touched = ctx.editor.touched_parameters()
+    ctx.editor.reset()
+    ctx.guard.verify(touched, ctx.editor.name)
+
+
+def _replay(ctx: Context, chunk: list[EditCase], applied: list[int], seed: int, T: int, idx: int) -> None:
+    """Re-apply the chunk's successful edits (in order, same seeds) after a reset."""
+    editor, model = ctx.editor, ctx.lm.model
+    for j in applied:
+        _seed_all(edit_seed(seed, T, idx, j))
+        _, fault = _attempt(editor.edit, chunk[j].request)
+        fault = fault or _nonfinite_fault(model, editor.touched_parameters())
+        if fault:
+            raise RuntimeError(f"editor '{editor.name}': replaying the successful edit of case {chunk[j].case_id} "
+                               f"after a failed edit failed ({fault}): its edits are not reproducible")

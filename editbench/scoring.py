@@ -112,6 +112,9 @@ class TFResult:
     argmax: list[int]
     logprobs: list[float]
     target_ids: list[int]
+    #: False when a logit at one of the target positions was NaN or infinite (the argmax
+    #: and log-probabilities are then meaningless; the runner marks the case failed)
+    finite: bool = True
 
     @property
     def accuracy(self) -> float:
@@ -165,21 +168,25 @@ def teacher_forced(logits_fn: LogitsFn, encoded: Sequence[Encoded], pad_id: int,
         tgt = torch.tensor(targets, device=sel.device)
         argmax = sel.argmax(-1).tolist()
         logp = torch.log_softmax(sel, -1).gather(-1, tgt[:, None])[:, 0].tolist()
+        finite = torch.isfinite(sel).all(-1).tolist()
         pos = 0
         for i in batch:
             n_t = len(encoded[i].ids) - encoded[i].start
-            results[i] = TFResult(argmax[pos:pos + n_t], logp[pos:pos + n_t], list(encoded[i].target_ids))
+            results[i] = TFResult(argmax[pos:pos + n_t], logp[pos:pos + n_t], list(encoded[i].target_ids),
+                                  finite=all(finite[pos:pos + n_t]))
             pos += n_t
     return results, timing  # type: ignore[return-value]
 
 
 @torch.no_grad()
 def greedy_generate(logits_fn: LogitsFn, prompts: Sequence[Sequence[int]], n_new: Sequence[int], pad_id: int,
-                    batch_size: int = 32, device: torch.device | str = "cpu") -> list[list[int]]:
+                    batch_size: int = 32, device: torch.device | str = "cpu",
+                    nonfinite: set[int] | None = None) -> list[list[int]]:
     """Greedy decoding of ``n_new[i]`` tokens after ``prompts[i]``, through ``logits_fn``.
 
     No KV cache: editors with hooks or prepended prompts see every step's full input,
-    exactly as in scoring.
+    exactly as in scoring. The index of every prompt whose next-token logits held a NaN
+    or an infinity at some step is added to ``nonfinite`` when it is given.
     """
     out: list[list[int]] = [[] for _ in prompts]
     for batch in length_batches([len(p) for p in prompts], batch_size):
@@ -189,7 +196,10 @@ def greedy_generate(logits_fn: LogitsFn, prompts: Sequence[Sequence[int]], n_new
             ids, mask = pad_batch([seqs[i] for i in live], pad_id, "right", device)
             logits = logits_fn(ids, mask)
             last = mask.sum(-1) - 1
-            nxt = logits[torch.arange(len(live)), last].argmax(-1).tolist()
+            step_logits = logits[torch.arange(len(live)), last]
+            nxt = step_logits.argmax(-1).tolist()
+            if nonfinite is not None:
+                nonfinite.update(i for i, ok in zip(live, torch.isfinite(step_logits).all(-1).tolist()) if not ok)
             for i, t in zip(live, nxt):
                 seqs[i].append(t)
                 out[i].append(t)
@@ -226,6 +236,9 @@ class Scorer:
         self.device = device
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self._enc: dict[tuple[str, str], Encoded] = {}
+        #: after each :meth:`score`: case_id -> the queries whose logits held NaN/Inf
+        #: (``reliability``, ``generality/<family>``, ``locality/<family>``, ``generation``...)
+        self.nonfinite: dict[str, list[str]] = {}
         #: the unedited model's argmax on each locality probe: case_id -> [tokens per probe]
         self.locality_reference: dict[str, list[list[int]]] = {}
 
@@ -258,18 +271,25 @@ class Scorer:
         results, timing = teacher_forced(logits_fn, flat, self.pad_id, self.batch_size, self.padding_side,
                                          self.device)
         out: dict[str, dict[str, float]] = {}
+        self.nonfinite = {}
         pos = 0
         for case, qs in zip(cases, per_case):
             res = results[pos:pos + len(qs)]
             pos += len(qs)
+            bad = [_query_name(kind, fam) for (kind, fam, _), r in zip(qs, res) if not r.finite]
+            if bad:
+                self.nonfinite[case.case_id] = bad
             if reference:
                 self.locality_reference[case.case_id] = [t.argmax for (k, _, _), t in zip(qs, res) if k == "loc"]
             out[case.case_id] = self._case_metrics(case, qs, res)
         if self.exact_match and not reference:
+            gen_bad: set[int] = set()
             gen = greedy_generate(logits_fn, [self.encode(c.request.prompt, c.request.target_new).prompt_ids
                                               for c in cases],
                                   [len(self.encode(c.request.prompt, c.request.target_new).target_ids)
-                                   for c in cases], self.pad_id, self.batch_size, self.device)
+                                   for c in cases], self.pad_id, self.batch_size, self.device, nonfinite=gen_bad)
+            for i in sorted(gen_bad):
+                self.nonfinite.setdefault(cases[i].case_id, []).append("generation")
             for case, toks in zip(cases, gen):
                 text = self.tok.decode(toks, skip_special_tokens=True).strip()
                 out[case.case_id]["gen_exact_match"] = float(text == case.request.target_new.strip())
@@ -299,6 +319,14 @@ class Scorer:
                 m["cf_neighborhood"] = _mean([float(t.mean_nll < n.mean_nll) for (_, t), (_, n)
                                               in zip(by_kind["loc"], by_kind["cf_nb_new"])])
         return m
+
+
+_QUERY_NAMES = {"rel": "reliability", "gen": "generality", "loc": "locality"}
+
+
+def _query_name(kind: str, family: str) -> str:
+    name = _QUERY_NAMES.get(kind, kind)
+    return f"{name}/{family}" if family else name
 
 
 def _mean(xs: Sequence[float]) -> float:

@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 from editbench.data import LOADERS, load_cases
 from editbench.data.dafset import PREFIX_WORDS
-from editbench.data.ripple import RELATION_PHRASES
 from editbench.records import DataError, EditCase
 from tests.conftest import shared
 
@@ -161,6 +160,37 @@ def test_real_knowedit_record_matches_raw(real):
     assert positions == []
 
 
+def as_original_ripple(rec: dict) -> dict:
+    """A KnowEdit record rewritten in the original RippleEdits layout: its prompt and
+    target_new as the edit sentence, its locality prompts as queries about its subject."""
+    def about_subject(family):
+        return [ripple_test(query(item["prompt"], [(item["ground_truth"][0][0], [])], ["Q0"],
+                                  subject_id="S"))
+                for item in rec["locality"].get(family, []) if item["ground_truth"][0]]
+    return {"edit": {"prompt": f"{rec['prompt']} {rec['target_new']}.", "subject_id": "S",
+                     "relation": "R", "target_id": "T"},
+            "Relation_Specificity": about_subject("Relation_Specificity"),
+            "Forgetfulness": about_subject("Forgetfulness")}
+
+
+@pytest.mark.real
+def test_real_knowedit_records_split_like_their_own_fields(real, tmp_path):
+    """The edit-sentence split, run on the real KnowEdit records (which name their subject
+    and target): every prompt and target comes back; a subject is either the record's own,
+    or part of it (record 457's queries call its subject only "Peder Siöblad"), or "" when
+    no query but a Forgetfulness one is about it."""
+    _, raw = real["ripe", "ripple/wiki_recent_train.knowedit.json"]
+    cases = load_cases("ripe", str(write_json(tmp_path / "recent.json",
+                                              [as_original_ripple(rec) for rec in raw])))
+    got = [(c.request.prompt, c.request.target_new) for c in cases]
+    assert got == [(rec["prompt"], rec["target_new"]) for rec in raw]
+    subjects = [(c.request.subject, rec["subject"]) for c, rec in zip(cases, raw)]
+    assert all(mine in theirs for mine, theirs in subjects)
+    assert sum(mine == theirs for mine, theirs in subjects) >= 400          # of 570
+    informative = [i for i, rec in enumerate(raw) if rec["locality"].get("Relation_Specificity")]
+    assert all(cases[i].request.subject for i in informative)
+
+
 @pytest.mark.real
 def test_limit_keeps_the_first_cases(real):
     rel = "counterfact/counterfact-edit.json"
@@ -258,9 +288,9 @@ def test_flat_counterfact_accepts_prompt_lists(tmp_path):
 
 
 def query(prompt: str, answers: list[tuple[str, list[str]]], target_ids: list,
-          query_type: str = "regular") -> dict:
+          query_type: str = "regular", subject_id: str = "Q1") -> dict:
     return {"prompt": prompt, "answers": [{"value": v, "aliases": a} for v, a in answers],
-            "query_type": query_type, "subject_id": "Q1", "relation": "X",
+            "query_type": query_type, "subject_id": subject_id, "relation": "X",
             "target_ids": target_ids, "phrase": None}
 
 
@@ -283,7 +313,8 @@ def ripple_record() -> dict:
                 "target_id": "Q30"}},
         "Relation_Specificity": [ripple_test(query(
             "The name of the mother of Leonardo DiCaprio is",
-            [("Irmelin DiCaprio", ["Irmelin Indenbirken"])], ["Q22984557"]))],
+            [("Irmelin DiCaprio", ["Irmelin Indenbirken"])], ["Q22984557"],
+            subject_id="Q38111"))],
         "Logical_Generalization": [ripple_test(
             query("The official language of Leonardo DiCaprio's country is",
                   [("Arabic", ["Arabic language"])], ["Q13955"]),
@@ -291,9 +322,9 @@ def ripple_record() -> dict:
             condition="AND")],
         "Subject_Aliasing": [ripple_test(
             query("The name of the country of citizenship of Leo DiCaprio is",
-                  [("Syria", ["Syrian Arab Republic"])], ["Q858"]),
+                  [("Syria", ["Syrian Arab Republic"])], ["Q858"], subject_id="Q38111"),
             query("The name of the country of citizenship of Leonardo Wilhelm DiCaprio is",
-                  [("Syria", [])], ["Q858"]))],
+                  [("Syria", [])], ["Q858"], subject_id="Q38111"))],
         "Compositionality_I": [ripple_test(query(
             "The name of the capital city of the country of citizenship of Leonardo DiCaprio is",
             [("Damascus", [])], ["Q858"], query_type="two_hop"))],
@@ -326,20 +357,127 @@ def test_ripple_original_layout(tmp_path):
     assert cases[1].locality == cases[0].locality
 
 
-def test_ripple_edit_split_uses_the_target_label_when_ambiguous(tmp_path):
+def load_ripple_record(tmp_path, rec: dict):
+    return load_cases("ripe", str(write_json(tmp_path / "popular.json", [rec])))[0].request
+
+
+def sequel_record() -> dict:
+    """A counterfactual FOLLOWED_BY edit whose target holds " is ": only the test query
+    that names ``target_id`` (here through an alias) tells where the target starts."""
+    film = "Q1530"
+    return {
+        "example_type": "random",
+        "edit": {"prompt": "Madonna: Truth or Dare is followed by Paris is Burning.",
+                 "subject_id": film, "relation": "FOLLOWED_BY", "target_id": "Q2048",
+                 "original_fact": {"prompt": "Madonna: Truth or Dare is followed by Body of "
+                                             "Evidence.", "subject_id": film,
+                                   "relation": "FOLLOWED_BY", "target_id": "Q1192"}},
+        "Relation_Specificity": [
+            ripple_test(query("The name of the director of Madonna: Truth or Dare is",
+                              [("Alek Keshishian", [])], ["Q2834"], subject_id=film)),
+            ripple_test(query("The names of the cast members of Madonna: Truth or Dare are",
+                              [("Madonna", ["Madonna Louise Ciccone"])], ["Q1744"],
+                              subject_id=film))],
+        "Subject_Aliasing": [ripple_test(query(
+            "In Bed with Madonna is followed by",
+            [("Paris Is Burning (documentary)", ["Paris is Burning"])], ["Q2048"],
+            subject_id=film))],
+        "Logical_Generalization": [ripple_test(query(
+            "Paris is Burning follows", [("Madonna: Truth or Dare", [])], [film],
+            subject_id="Q2048"))],
+        "Forgetfulness": [],
+    }
+
+
+def test_ripple_target_named_by_a_test_query(tmp_path):
+    r = load_ripple_record(tmp_path, sequel_record())
+    assert (r.prompt, r.subject, r.target_new, r.ground_truth) == (
+        "Madonna: Truth or Dare is followed by", "Madonna: Truth or Dare", "Paris is Burning",
+        "Body of Evidence")
+
+
+def test_ripple_without_a_naming_query_the_target_follows_the_last_boundary(tmp_path):
+    rec = sequel_record()
+    del rec["Subject_Aliasing"], rec["edit"]["original_fact"]
+    r = load_ripple_record(tmp_path, rec)
+    assert (r.prompt, r.subject, r.target_new) == (
+        "Madonna: Truth or Dare is followed by Paris is", "Madonna: Truth or Dare", "Burning")
+
+
+def spouse_record() -> dict:
+    """A counterfactual SPOUSE edit: no test query names the new spouse (``target_id``),
+    so the sentence is split after its last " is "; the subject comes from the queries
+    about other relations of Ada Lovelace."""
+    ada = "Q7259"
+    return {
+        "example_type": "popular",
+        "edit": {"prompt": "The name of the spouse of Ada Lovelace is Charles Babbage.",
+                 "subject_id": ada, "relation": "SPOUSE", "target_id": "Q46633",
+                 "original_fact": {
+                     "prompt": "The name of the spouse of Ada Lovelace is William King-Noel, "
+                               "1st Earl of Lovelace.",
+                     "subject_id": ada, "relation": "SPOUSE", "target_id": "Q7183"}},
+        "Relation_Specificity": [
+            ripple_test(query("The name of the father of Ada Lovelace is",
+                              [("Lord Byron", ["George Gordon Byron"])], ["Q5679"],
+                              subject_id=ada)),
+            ripple_test(query("The gender of Ada Lovelace is", [("female", ["woman"])],
+                              ["Q6581072"], subject_id=ada)),
+            ripple_test(query("The occupation of Ada Lovelace is",
+                              [("mathematician", []), ("writer", [])], ["Q170790", "Q36180"],
+                              subject_id=ada))],
+        "Forgetfulness": [ripple_test(query(
+            "The name of the spouse of Ada Lovelace, which is not Charles Babbage, is",
+            [("William King-Noel, 1st Earl of Lovelace", [])], ["Q7183"], subject_id=ada))],
+        "Logical_Generalization": [ripple_test(query(
+            "The name of the spouse of Charles Babbage is", [("Ada Lovelace", [])], [ada],
+            subject_id="Q46633"))],
+        "Subject_Aliasing": [ripple_test(query(
+            "The name of the spouse of Augusta Ada King is",
+            [("Charles Babbage", [])], ["Q46633"], query_type="other", subject_id=ada))],
+    }
+
+
+def test_ripple_fallback_split_and_subject_from_other_relations(tmp_path):
+    case = load_cases("ripe", str(write_json(tmp_path / "popular.json", [spouse_record()])))[0]
+    r = case.request
+    assert (r.prompt, r.subject, r.target_new, r.ground_truth) == (
+        "The name of the spouse of Ada Lovelace is", "Ada Lovelace", "Charles Babbage",
+        "William King-Noel, 1st Earl of Lovelace")
+    assert [p.target for p in case.locality["Relation_Specificity"]] == [
+        "Lord Byron", "female", "mathematician"]
+
+
+def test_ripple_subject_is_empty_without_a_query_about_the_same_subject(tmp_path):
+    rec = spouse_record()
+    for test in rec["Relation_Specificity"]:
+        test["test_queries"][0]["subject_id"] = "Q5679"       # now about someone else
+    # Left: the Forgetfulness query, which restates the whole prompt and cannot place the
+    # subject, and queries of other categories, which are not used for it.
+    r = load_ripple_record(tmp_path, rec)
+    assert (r.prompt, r.subject, r.target_new) == (
+        "The name of the spouse of Ada Lovelace is", "", "Charles Babbage")
+    rec = spouse_record()
+    del rec["edit"]["subject_id"]
+    assert load_ripple_record(tmp_path, rec).subject == ""
+
+
+@pytest.mark.parametrize("sentence,prompt,target", [
+    ("The name of the position held by Angela Merkel is Pope.",
+     "The name of the position held by Angela Merkel is", "Pope"),
+    ("The names of the siblings of Venus Williams are Serena Williams.",
+     "The names of the siblings of Venus Williams are", "Serena Williams"),
+    ("Windows 8.1 follows Windows 8.", "Windows 8.1 follows", "Windows 8"),
+    ("The Two Towers is followed by The Return of the King.",
+     "The Two Towers is followed by", "The Return of the King"),
+    ("The Eiffel Tower was designed by Gustave Eiffel.", "The Eiffel Tower was designed by",
+     "Gustave Eiffel"),
+])
+def test_ripple_boundary_split(tmp_path, sentence, prompt, target):
     rec = ripple_record()
-    rec["edit"] = {"prompt": "The name of the director of Paris is Burning is Jennie Livingston.",
-                   "subject_id": "Q2", "relation": "DIRECTOR", "target_id": "Q9"}
-    rec["Subject_Aliasing"] = [ripple_test(query("The name of the director of PiB is",
-                                               [("Jennie Livingston", [])], ["Q9"]))]
-    case = load_cases("ripe", str(write_json(tmp_path / "r.json", [rec])))[0]
-    assert (case.request.subject, case.request.target_new) == ("Paris is Burning",
-                                                               "Jennie Livingston")
-    assert case.request.prompt == "The name of the director of Paris is Burning is"
-
-
-def test_ripple_relation_table_phrases_have_one_subject_slot():
-    assert all(p.count("<subject>") == 1 for p in RELATION_PHRASES.values())
+    rec["edit"] = {"prompt": sentence, "subject_id": "Q2", "relation": "R", "target_id": "Q9"}
+    r = load_ripple_record(tmp_path, rec)
+    assert (r.prompt, r.target_new, r.subject) == (prompt, target, "")
 
 
 def recipe_ripple_record() -> dict:
@@ -495,7 +633,7 @@ CORRUPTIONS = {
         (_set("", "target_new"), "target_new"), (_set(True, "case_id"), "case_id"),
         (_set(["ok", 5], "rephrase_prompt"), "rephrase_prompt[1]"),
         (_set(None, "locality_prompt"), "locality_prompt")]),
-    "cf-rome": (repeat(rome_record), "counterfact.json", [
+    "cf-rome": (lambda: [rome_record(i) for i in range(30)], "counterfact.json", [
         (_delete("requested_rewrite", "subject"), "requested_rewrite.subject"),
         (_set(17, "requested_rewrite", "target_new", "str"), "requested_rewrite.target_new.str"),
         (_set("", "requested_rewrite", "target_true", "str"), "requested_rewrite.target_true.str"),
@@ -510,8 +648,8 @@ CORRUPTIONS = {
          "locality.Forgetfulness[0].ground_truth")]),
     "ripe-original": (repeat(ripple_record), "popular.json", [
         (_delete("edit", "relation"), "edit.relation"),
-        (_set("HOMETOWN", "edit", "relation"), "edit.relation"),
-        (_set("Leonardo DiCaprio is great.", "edit", "prompt"), "edit.prompt"),
+        (_set(["COUNTRY_OF_CITIZENSHIP"], "edit", "relation"), "edit.relation"),
+        (_set("Leonardo DiCaprio, a citizen of Mars.", "edit", "prompt"), "edit.prompt"),
         (_set("The name of the mother of X is Y.", "edit", "original_fact", "prompt"),
          "edit.original_fact.prompt"),
         (_set({"value": 3}, "Relation_Specificity", 0, "test_queries", 0, "answers", 0),

