@@ -22,6 +22,10 @@ Defaults (conf/editor/ft.yaml, conf/editor_model/ft/*.yaml):
 * SmolLM2-135M and the tiny models: see conf/editor/ft.yaml (tuned here, documented in
   docs/editors.md).
 
+Speed: the layers below the lowest edited layer are run once per edit, without
+gradients (``editors.lib.upper.UpperStack``), and the LM head is applied only at the
+positions the loss reads; the loss and its gradients are unchanged.
+
 Deviation: none in the algorithm. The tokenisation of (prompt, target) is the harness's
 (``editbench.scoring.encode``), so that training and scoring see the same target tokens.
 """
@@ -32,8 +36,9 @@ from dataclasses import dataclass, field
 import torch
 
 from editbench.registry import register
-from editbench.scoring import encode, model_logits
+from editbench.scoring import encode
 from editors.base import Editor, hparams_from_cfg
+from editors.lib.upper import UpperStack
 
 
 @dataclass
@@ -59,7 +64,8 @@ class FT(Editor):
     def __init__(self, model, tokenizer, arch, cfg):
         super().__init__(model, tokenizer, arch, cfg)
         self.hp = hparams_from_cfg(FTParams, cfg, "ft")
-        self.weight_names = [f"{arch.name(self.hp.module, layer)}.weight" for layer in self.hp.layers]
+        self.layer_indices = [arch.layer_index(layer) for layer in self.hp.layers]
+        self.weight_names = [f"{arch.name(self.hp.module, layer)}.weight" for layer in self.layer_indices]
 
     def edit(self, request):
         hp = self.hp
@@ -68,9 +74,13 @@ class FT(Editor):
         targets = torch.tensor(enc.target_ids, device=self.device)
         if hp.objective == "prompt_last":
             inputs = ids[:, :enc.start]
+            positions = torch.tensor([enc.start - 1] * len(enc.target_ids), device=self.device)
         else:
             inputs = ids
-        mask = torch.ones_like(inputs)
+            positions = torch.arange(enc.start - 1, len(enc.ids) - 1, device=self.device)
+        # Layers below the lowest edited one never change: run them once.
+        upper = UpperStack(self.model, self.arch, min(self.layer_indices), inputs, torch.ones_like(inputs))
+        head = self.arch.module(self.model, "lm_head")
         weights = self.remember(self.weight_names)
         originals = [self._originals[n] for n in self.weight_names]
         for w in weights:
@@ -81,13 +91,8 @@ class FT(Editor):
         try:
             for steps in range(1, hp.num_steps + 1):
                 opt.zero_grad(set_to_none=True)
-                logits = model_logits(self.model, inputs, mask)[0]
-                logp = torch.log_softmax(logits.float(), -1)
-                if hp.objective == "prompt_last":
-                    loss = -logp[enc.start - 1, targets].mean()
-                else:
-                    positions = torch.arange(enc.start - 1, len(enc.ids) - 1, device=self.device)
-                    loss = -logp[positions, targets].mean()
+                logits = head(upper.hidden_states()[0, positions])
+                loss = -torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).mean()
                 loss_value = loss.item()
                 if loss_value < hp.early_stop_loss:
                     break
