@@ -38,6 +38,7 @@ from typing import Any, Mapping
 import torch
 
 from editbench.models import cache_dir
+from editbench.results import default_file_mode
 
 FORMAT = "editbench-checkpoint/1"
 _META_KEY = "editbench"
@@ -86,6 +87,7 @@ def save_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor],
         save_file(prepared, tmp, metadata={"format": FORMAT, _META_KEY: meta_text})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

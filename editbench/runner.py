@@ -146,6 +146,35 @@ def _case_error(case: EditCase, field: str, problem: str) -> DataError:
     return DataError(f"case {case.case_id}", None, field, problem)
 
 
+def cases_fingerprint(chunk: Sequence[EditCase]) -> str:
+    """A hash of what a chunk edits and scores (requests and probes; not ``source``)."""
+    import dataclasses
+
+    content = [{k: v for k, v in dataclasses.asdict(c).items() if k != "source"} for c in chunk]
+    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def code_fingerprint(cls: type) -> str:
+    """A hash of the code that decides a chunk's numbers: the editor's module, the shared
+    editor code (``editors/base.py``, ``editors/lib/``) and the scoring. Stored in each
+    chunk record so that a resumed run can say when finished chunks came from other code."""
+    import inspect
+
+    import editbench.scoring as scoring
+
+    files = {Path(inspect.getfile(cls)), Path(scoring.__file__)}
+    editors_dir = Path(inspect.getfile(cls)).parent
+    while editors_dir.name and editors_dir.name != "editors" and editors_dir != editors_dir.parent:
+        editors_dir = editors_dir.parent
+    if editors_dir.name == "editors":
+        files |= {editors_dir / "base.py", *editors_dir.glob("lib/*.py")}
+    h = hashlib.sha256()
+    for f in sorted(files):
+        if f.is_file():
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def edit_seed(seed: int, T: int, idx: int, k: int) -> int:
     """The seed set before edit ``k`` of chunk ``idx`` of T (so a replay repeats the edit)."""
     return int(hashlib.sha256(f"{seed}:{T}:{idx}:{k}".encode()).hexdigest()[:8], 16)
@@ -173,13 +202,8 @@ class WeightGuard:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        memo: dict[int, str] = {}  # tied weights are one tensor under two names: hash it once
-        self.digests: dict[str, str] = {}
-        for n, p in model.named_parameters(remove_duplicate=False):
-            if id(p) not in memo:
-                memo[id(p)] = _digest(p)
-            self.digests[n] = memo[id(p)]
-        self.buffer_digests = {n: _digest(b) for n, b in model.named_buffers()}
+        self.digests = _param_digests(model)
+        self.buffer_digests = {n: _digest(b) for n, b in _persistent_buffers(model).items()}
         self.structure = _structure(model)
 
     def verify(self, touched: Sequence[str], editor: str) -> None:
@@ -192,9 +216,9 @@ class WeightGuard:
 
     def verify_all(self, editor: str) -> None:
         """Every parameter and buffer is bit-identical (also those not reported as touched)."""
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        bad = [n for n, d in self.digests.items() if n not in params or _digest(params[n]) != d]
-        buffers = dict(self.model.named_buffers())
+        now = _param_digests(self.model)
+        bad = [n for n, d in self.digests.items() if now.get(n) != d]
+        buffers = _persistent_buffers(self.model)
         bad += [n for n, d in self.buffer_digests.items() if n not in buffers or _digest(buffers[n]) != d]
         if bad:
             raise RestoreError(f"editor '{editor}': {len(bad)} parameter(s)/buffer(s) differ from the original "
@@ -218,9 +242,26 @@ class WeightGuard:
             raise RestoreError(f"editor '{editor}': reset() left modules replaced, added or hooked: {where}")
 
 
+def _param_digests(model: torch.nn.Module) -> dict[str, str]:
+    """Digest of every parameter under every name (tied weights: one tensor, hashed once)."""
+    memo: dict[int, str] = {}
+    out = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in memo:
+            memo[id(p)] = _digest(p)
+        out[n] = memo[id(p)]
+    return out
+
+
+def _persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers saved with the model (not caches a model may refresh itself, e.g. dynamic RoPE)."""
+    saved = set(model.state_dict(keep_vars=True))
+    return {n: b for n, b in model.named_buffers() if n in saved}
+
+
 def _digest(t: torch.Tensor) -> str:
-    data = t.detach().contiguous().cpu().view(torch.uint8).numpy()
-    return hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()
+    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()  # hashes the buffer in place, no copy
 
 
 def _structure(model: torch.nn.Module) -> list[tuple[str, str, int, int, int]]:
@@ -308,21 +349,22 @@ def run(cfg: DictConfig, cases: Sequence[EditCase] | None = None,
             if not chunks:
                 log.warning("T=%d: fewer than %d cases selected; no chunk to run", T, T)
             plan += [(int(T), i, ch) for i, ch in enumerate(chunks)]
-        todo = _check_finished_chunks(run, plan)
+        code = code_fingerprint(cls)
+        todo = _check_finished_chunks(run, plan, code)
         log.info("run %s: %d chunk(s) planned, %d already done", run.path, len(plan), len(plan) - len(todo))
         if todo:
-            _run_chunks(cfg, cls, run, todo, lm)
+            _run_chunks(cfg, cls, run, todo, lm, code)
         summary = results.write_tables(run, meta)
         _plot(summary, run.path / "metrics.png")
     log.info("wrote %s", run.path / "summary.csv")
     return run.path
 
 
-def _check_finished_chunks(run: results.RunDir, plan: list[tuple[int, int, list[EditCase]]]
+def _check_finished_chunks(run: results.RunDir, plan: list[tuple[int, int, list[EditCase]]], code: str
                            ) -> list[tuple[int, int, list[EditCase]]]:
     """The planned chunks still to compute; every finished one must hold the cases the plan
     puts in it (else the data or the selection changed under the same config)."""
-    todo, planned = [], {}
+    todo, planned, other_code = [], {}, 0
     for T, i, chunk in plan:
         planned.setdefault(T, set()).add(i)
         if not run.has_chunk(T, i):
@@ -335,6 +377,15 @@ def _check_finished_chunks(run: results.RunDir, plan: list[tuple[int, int, list[
             raise ValueError(f"{run.chunk_file(T, i)} holds cases {_short(have)} but this run puts {_short(want)} "
                              f"in chunk {i} of T={T}: the data changed since it was computed; use another "
                              f"out_dir or delete {run.path}")
+        if record.get("cases_sha", cases_fingerprint(chunk)) != cases_fingerprint(chunk):
+            raise ValueError(f"{run.chunk_file(T, i)} was computed on other contents of cases {_short(want)} "
+                             f"(same ids, other prompts or targets): the data changed since; use another out_dir "
+                             f"or delete {run.path}")
+        other_code += record.get("code", code) != code
+    if other_code:
+        log.warning("%d finished chunk(s) in %s were computed by other code (the editor, editors/lib or the "
+                    "scoring changed since); they are reused as they are: delete the run folder to recompute",
+                    other_code, run.path)
     for T, indices in planned.items():
         extra = sorted(p.name for p in run.chunks.glob(f"T{T}-c*.json")
                        if int(p.stem.split("-c")[1]) not in indices) if run.chunks.is_dir() else []
@@ -348,36 +399,44 @@ def _short(ids: list[str]) -> str:
     return str(ids if len(ids) <= 4 else ids[:3] + [f"... ({len(ids)} cases)"])
 
 
-def _run_chunks(cfg: DictConfig, cls: type, run: results.RunDir, todo: list, lm: LoadedModel | None) -> None:
+def _run_chunks(cfg: DictConfig, cls: type, run: results.RunDir, todo: list, lm: LoadedModel | None,
+                code: str) -> None:
     if lm is None:
         lm = load_model(cfg.model)
+    scorer = Scorer(lm.tokenizer, batch_size=cfg.runner.batch_size, padding_side=cfg.runner.padding_side,
+                    cf_metrics=bool(cfg.data.get("cf_metrics", False)),
+                    exact_match=bool(cfg.runner.exact_match), device=next(lm.model.parameters()).device)
+    # Before any training or edit: a bad case must not surface hours into the run.
+    check_cases([c for _, _, chunk in todo for c in chunk], scorer, max_positions(lm.model))
     run.write_env(str(lm.model.device if hasattr(lm.model, "device") else "cpu"))
     editor = build_editor(cfg, lm)
     if cls.needs_training:
         editor.fit(_train_cases(cfg))
-    scorer = Scorer(lm.tokenizer, batch_size=cfg.runner.batch_size, padding_side=cfg.runner.padding_side,
-                    cf_metrics=bool(cfg.data.get("cf_metrics", False)),
-                    exact_match=bool(cfg.runner.exact_match), device=editor.device)
-    check_cases([c for _, _, chunk in todo for c in chunk], scorer, max_positions(lm.model))
     lm.model.eval()
     ctx = Context(cfg, lm, editor, scorer, WeightGuard(lm.model), run, after_edit_hooks={})
     for name, hook in _after_edit_hooks(cfg, lm).items():
         ctx.after_edit_hooks[name] = hook
     written: list[Path] = []
+    current: tuple[int, int] | None = None
     bar = tqdm(todo, desc=f"{cfg.editor.name} chunks", disable=not cfg.runner.progress)
-    for T, i, chunk in bar:
-        bar.set_postfix(T=T)
-        try:
+    try:
+        for T, i, chunk in bar:
+            current = (T, i)
+            bar.set_postfix(T=T)
             record = run_chunk(ctx, T, i, chunk)
+            record["code"] = code
+            record["cases_sha"] = cases_fingerprint(chunk)
             if not written:  # once per process: also the parameters the editor did not report
                 ctx.guard.verify_all(editor.name)
-        except KeyboardInterrupt:
-            log.error("interrupted during chunk %d of T=%d: it is not written; %d finished chunk(s) are kept "
-                      "in %s; rerun the same command to resume", i, T, len(list(run.chunks.glob("T*-c*.json")))
-                      if run.chunks.is_dir() else 0, run.path)
-            raise
-        run.write_chunk(T, i, record)
-        written.append(run.chunk_file(T, i))
+            run.write_chunk(T, i, record)
+            written.append(run.chunk_file(T, i))
+    except KeyboardInterrupt:
+        lost = (f"chunk {current[1]} of T={current[0]} was in progress and is not written; "
+                if current and not run.has_chunk(*current) else "")
+        n_done = len(list(run.chunks.glob("T*-c*.json"))) if run.chunks.is_dir() else 0
+        log.error("interrupted: %s%d finished chunk(s) are kept in %s; rerun the same command to resume",
+                  lost, n_done, run.path)
+        raise
     try:
         ctx.guard.verify_all(editor.name)
     except RestoreError as err:

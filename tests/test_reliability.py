@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -22,10 +23,10 @@ import torch
 from editbench.checkpoints import (CheckpointError, checkpoint_key, load_checkpoint, load_torch_file, read_meta,
                                    save_checkpoint)
 from editbench.models import load_model
-from editbench.records import DataError, EditCase, EditFailed, EditRequest, Probe
+from editbench.records import DataError, EditCase, EditFailed, EditRequest
 from editbench.registry import EDITORS, register
-from editbench.results import NONDETERMINISTIC_METRICS, RunDir, RunFolderBusy
-from editbench.runner import RestoreError, WeightGuard, run
+from editbench.results import NONDETERMINISTIC_METRICS, RunDir, RunFolderBusy, default_file_mode
+from editbench.runner import RestoreError, WeightGuard, check_compatible, run
 from editors.ft import FT
 from editors.none import NoEdit
 from tests.conftest import ROOT, compose_cfg, toy_cases
@@ -82,29 +83,27 @@ _register("test-nan", NaNOnSubject)
 def test_nan_edit_fails_its_case_resets_replays_and_the_run_goes_on(tmp_path, tiny_llama):
     snap = _snapshot(tiny_llama.model)
     cases = toy_cases(6)
-    bad = run(_cfg(tmp_path, *FAST_FT, "editor.name=test-nan", "runner.steps=[1,3]"), cases=cases, lm=tiny_llama)
+    bad = run(_cfg(tmp_path, *FAST_FT, "editor.name=test-nan", "runner.steps=[3]"), cases=cases, lm=tiny_llama)
     _assert_same_weights(tiny_llama.model, snap)  # reset after the poisoned edit and after every chunk
 
     table = pd.read_csv(bad / "cases.csv", keep_default_na=False)
     failed = table[table.status == "failed"]
-    assert sorted(set(zip(failed["T"], failed.case_id))) == [(1, "toy1"), (3, "toy1")]
-    assert failed.error.str.contains("NaN/Inf weights after the edit in model.layers.2.mlp.down_proj.weight").all()
-    assert (failed.metric == "").all()  # a failed case has no metric values
-    summary = pd.read_csv(bad / "summary.csv").set_index(["T", "metric"])
-    assert summary.loc[(1, "failed_cases"), "mean"] == 1 and summary.loc[(3, "failed_cases"), "mean"] == 1
-    assert summary.loc[(1, "reliability"), "n"] == 5 and summary.loc[(3, "reliability"), "n"] == 5
+    assert list(failed.case_id) == ["toy1"] and (table.status[table.case_id != "toy1"] == "ok").all()
+    assert failed.error.iloc[0] == "NaN/Inf weights after the edit in model.layers.2.mlp.down_proj.weight"
+    assert failed.metric.iloc[0] == ""  # a failed case has no metric values
+    summary = pd.read_csv(bad / "summary.csv").set_index("metric")
+    assert summary.loc["failed_cases", "mean"] == 1 and summary.loc["reliability", "n"] == 5
 
-    # The other cases are exactly what plain FT gives: T=1 chunks and the later T=3 chunk
-    # are unaffected, and chunk 0 of T=3 = {toy0, toy2}, as if toy1 had not been asked.
-    plain = run(_cfg(tmp_path, *FAST_FT, "runner.steps=[1,3]"), cases=cases, lm=tiny_llama)
-    pair = run(_cfg(tmp_path, *FAST_FT, "runner.steps=[2]"), cases=[cases[0], cases[2]], lm=tiny_llama)
-    got, want, want_pair = _chunk_cases(bad), _chunk_cases(plain), _chunk_cases(pair)
-    for T, cid in got:
-        if cid == "toy1":
-            continue
-        ref = want_pair[2, cid] if T == 3 and cid in ("toy0", "toy2") else want[T, cid]
-        assert got[T, cid]["status"] == "ok"
-        assert got[T, cid]["metrics"] == ref["metrics"], (T, cid)
+    # The other cases get exactly what plain FT gives them: chunk 0 = {toy0, toy2}, as if
+    # toy1 had not been asked (toy0's edit was replayed), and the later chunk is untouched.
+    first = run(_cfg(tmp_path, *FAST_FT, "runner.steps=[2]"), cases=[cases[0], cases[2]], lm=tiny_llama)
+    later = run(_cfg(tmp_path, *FAST_FT, "runner.steps=[3]"), cases=cases[3:], lm=tiny_llama)
+    got = {cid: c for (_, cid), c in _chunk_cases(bad).items()}
+    want = {cid: c for p in (first, later) for (_, cid), c in _chunk_cases(p).items()}
+    assert set(got) - set(want) == {"toy1"}
+    for cid, ref in want.items():
+        assert got[cid]["status"] == "ok" and got[cid]["metrics"] == ref["metrics"], cid
+        assert got[cid]["info"] == ref["info"], cid
 
 
 class FailingEdits(NoEdit):
@@ -158,12 +157,15 @@ def test_edit_failed_linalg_error_and_nan_logits_fail_their_cases(tmp_path, tiny
     assert set(summary.metric) == {"failed_cases", "edit_time_s", "peak_mem_mb"}  # no quality metric at all
 
 
-def test_unedited_model_with_nan_logits_stops_the_run(tmp_path, tiny_llama):
-    @register("test-nan-logits")
-    class NaNLogits(NoEdit):
-        def logits(self, input_ids, attention_mask):
-            return super().logits(input_ids, attention_mask) * float("nan")
+class NaNLogits(NoEdit):
+    def logits(self, input_ids, attention_mask):
+        return super().logits(input_ids, attention_mask) * float("nan")
 
+
+_register("test-nan-logits", NaNLogits)
+
+
+def test_unedited_model_with_nan_logits_stops_the_run(tmp_path, tiny_llama):
     with pytest.raises(RuntimeError, match="unedited model gives NaN/Inf logits on case toy0"):
         run(_cfg(tmp_path, "editor=none", "editor.name=test-nan-logits", "runner.steps=[1]"),
             cases=toy_cases(1), lm=tiny_llama)
@@ -282,14 +284,25 @@ def test_duplicate_case_ids_passed_in_are_rejected(tmp_path, tiny_llama):
         run(_cfg(tmp_path, "editor=none", "runner.steps=[1]"), cases=[a, b], lm=tiny_llama)
 
 
-def test_resume_refuses_chunks_computed_on_other_data(tmp_path, tiny_llama):
+def test_resume_refuses_chunks_computed_on_other_data(tmp_path, tiny_llama, caplog):
     cfg = _cfg(tmp_path, "editor=none", "runner.steps=[1,2]")
     path = run(cfg, cases=toy_cases(4), lm=tiny_llama)
+    chunk = path / "chunks" / "T1-c2.json"
+    record = json.loads(chunk.read_text())
+    assert len(record["code"]) == 12
+    chunk.write_text(json.dumps({**record, "code": "older-code"}))
+    with caplog.at_level("WARNING", logger="editbench.runner"):
+        run(cfg, cases=toy_cases(4), lm=tiny_llama)
+    assert "1 finished chunk(s) in" in caplog.text and "were computed by other code" in caplog.text
     other = toy_cases(5)[1:]  # same config, other cases: the file changed under the same path
     with pytest.raises(ValueError, match=r"T1-c0.json holds cases \['toy0'\] but this run puts \['toy1'\]"):
         run(cfg, cases=other, lm=tiny_llama)
     with pytest.raises(ValueError, match=r"holds chunk\(s\) \['T1-c3.json'\] that this run does not plan"):
         run(cfg, cases=toy_cases(3), lm=tiny_llama)
+    edited = toy_cases(4)
+    edited[2].request = EditRequest("The capital of Country2 is", "Lyon", "Country2")  # same id, new target
+    with pytest.raises(ValueError, match=r"T1-c2.json was computed on other contents of cases \['toy2'\]"):
+        run(cfg, cases=edited, lm=tiny_llama)
     (path / "chunks" / "T2-c0.json").write_text('{"T": 2, "cas')  # a damaged record
     with pytest.raises(ValueError, match=r"T2-c0.json is not a valid chunk record .*delete it to recompute"):
         run(cfg, cases=toy_cases(4), lm=tiny_llama)
@@ -306,6 +319,9 @@ def test_a_second_process_on_the_same_run_folder_is_refused_and_partial_files_ar
     run(cfg, cases=toy_cases(2), lm=tiny_llama)
     assert not leftover.exists()
     assert sorted(p.name for p in path.iterdir() if p.name.startswith(".")) == [".lock"]
+    # atomic writes go through mkstemp (mode 0600); the results get the usual mode (0644 under umask 022)
+    for name in ("summary.csv", "cases.csv", "config.yaml", "env.json", "chunks/T1-c0.json"):
+        assert stat.S_IMODE((path / name).stat().st_mode) == default_file_mode(), name
 
 
 # --------------------------------------------------------------------------- determinism
@@ -325,75 +341,88 @@ def test_same_config_and_seed_give_identical_results(tmp_path):
 
 
 # --------------------------------------------------------------------------- interruptions (real processes)
-RUN_ARGS = ["model=tiny-llama", *FAST_FT, "data=sample", "runner.n_cases=24", "runner.steps=[1]",
+N_CASES = 5
+RUN_ARGS = ["model=tiny-llama", *FAST_FT, "data=sample", f"runner.n_cases={N_CASES}", "runner.steps=[1]",
             "runner.progress=false"]
 QUALITY = ["reliability", "generality", "locality", "gen_exact_match", "cf_efficacy"]
 
 
-def _cli(*args, **kw) -> subprocess.Popen:
+def _cli(*args) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "editbench", *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _finish(*args, timeout=300) -> tuple[int, str]:
     p = _cli(*args)
-    out, err = p.communicate(timeout=timeout)
-    return p.returncode, out + err
+    out, _ = p.communicate(timeout=timeout)
+    return p.returncode, out
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted")
-    rc, log = _finish(*RUN_ARGS, f"out_dir={out}")
-    assert rc == 0, log
-    [path] = [p for p in out.iterdir() if p.is_dir()]
-    return pd.read_csv(path / "summary.csv")
+def _chunk_stamps(path: Path) -> dict[str, tuple[int, int]]:
+    return {q.name: (q.stat().st_ino, q.stat().st_mtime_ns) for q in path.glob("*/chunks/T1-c*.json")}
 
 
-def _interrupt(out: Path, sig: int) -> tuple[subprocess.Popen, float]:
-    """Start a run, send ``sig`` as soon as its first chunk file exists."""
+def _interrupt(out: Path, sig: int) -> tuple[int, str, float, dict]:
+    """Run until one more chunk file than before exists, then send ``sig``; return
+    (exit status, output, seconds from the signal to the exit, chunk files before the run)."""
+    before = _chunk_stamps(out)
     p = _cli(*RUN_ARGS, f"out_dir={out}")
     deadline = time.time() + 240
-    while not list(out.glob("*/chunks/T1-c*.json")):
+    while len(_chunk_stamps(out)) <= len(before):
         assert p.poll() is None, p.communicate()
         assert time.time() < deadline, "no chunk file appeared"
-        time.sleep(0.01)
+        time.sleep(0.005)
     p.send_signal(sig)
-    return p, time.time()
+    sent = time.time()
+    output, _ = p.communicate(timeout=60)
+    return p.returncode, output, time.time() - sent, before
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_killed_run_resumes_without_recomputing_and_matches_an_uninterrupted_run(tmp_path, uninterrupted, sig):
-    p, sent = _interrupt(tmp_path, sig)
-    out, err = p.communicate(timeout=60)
-    stopped = time.time() - sent
-    [path] = [q for q in tmp_path.iterdir() if q.is_dir()]
-    if sig == signal.SIGTERM:
-        assert p.returncode == 143, err
-        assert stopped < 10, f"took {stopped:.1f} s to stop"
-        assert "stopped by SIGTERM; finished chunks are kept" in err
-        assert "is not written" in err and "Traceback" not in err
-        assert not [q.name for q in path.rglob(".*") if q.name != ".lock"], "partial files left"
-    else:
-        assert p.returncode == -signal.SIGKILL
-    done = {q.name: (q.stat().st_ino, q.stat().st_mtime_ns) for q in path.glob("chunks/T1-c*.json")}
-    assert 1 <= len(done) < 24, "the run was not interrupted mid-way"
-    assert not (path / "summary.csv").exists()
+def _no_partial_files(out: Path) -> list[str]:
+    return [q.name for q in out.rglob(".*") if q.name != ".lock"]
 
-    rc, log = _finish(*RUN_ARGS, f"out_dir={tmp_path}")
+
+def test_sigterm_then_sigkill_then_resume_loses_nothing_and_computes_no_chunk_twice(tmp_path):
+    """The real command, stopped by SIGTERM after its first chunk, resumed and killed with
+    SIGKILL after its next chunk, resumed to the end: the summary's quality metrics equal
+    those of an uninterrupted run, and no finished chunk is ever computed again."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): the same kernels, the same bits
+    try:
+        whole = run(compose_cfg(*RUN_ARGS, f"out_dir={tmp_path / 'whole'}"))
+    finally:
+        torch.set_num_threads(threads)
+    want = pd.read_csv(whole / "summary.csv")
+
+    out = tmp_path / "interrupted"
+    rc, log, stopped, _ = _interrupt(out, signal.SIGTERM)
+    assert rc == 143, log
+    assert stopped < 5, f"took {stopped:.1f} s to stop after SIGTERM"
+    assert "stopped by SIGTERM; finished chunks are kept" in log and "was in progress and is not written" in log
+    assert "Traceback" not in log
+    assert not _no_partial_files(out)
+    after_term = _chunk_stamps(out)
+    assert 1 <= len(after_term) < N_CASES, "the run was not interrupted mid-way"
+
+    rc, log, _, before = _interrupt(out, signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    assert f"{N_CASES} chunk(s) planned, {len(after_term)} already done" in log
+    after_kill = _chunk_stamps(out)
+    assert len(after_term) < len(after_kill) < N_CASES
+    assert {k: after_kill[k] for k in after_term} == after_term  # not recomputed
+
+    rc, log = _finish(*RUN_ARGS, f"out_dir={out}")
     assert rc == 0, log
-    assert f"24 chunk(s) planned, {len(done)} already done" in log
-    for name, stamp in done.items():  # finished chunks were not computed again
-        q = path / "chunks" / name
-        assert (q.stat().st_ino, q.stat().st_mtime_ns) == stamp, name
-    assert len(list(path.glob("chunks/T1-c*.json"))) == 24
-    assert not [q.name for q in path.rglob(".*") if q.name != ".lock"]
-    resumed = pd.read_csv(path / "summary.csv")
-    want = uninterrupted[uninterrupted.metric.isin(QUALITY)].reset_index(drop=True)
-    got = resumed[resumed.metric.isin(QUALITY)].reset_index(drop=True)
-    assert len(want) == len(QUALITY)
-    pd.testing.assert_frame_equal(got, want, check_exact=True)
+    assert f"{N_CASES} chunk(s) planned, {len(after_kill)} already done" in log
+    final = _chunk_stamps(out)
+    assert len(final) == N_CASES and {k: final[k] for k in after_kill} == after_kill
+    assert not _no_partial_files(out)
+    [path] = [q for q in out.iterdir() if q.is_dir()]
+    got = pd.read_csv(path / "summary.csv")
+    pick = lambda s: s[s.metric.isin(QUALITY)].reset_index(drop=True)  # noqa: E731
+    assert len(pick(want)) == len(QUALITY)
+    pd.testing.assert_frame_equal(pick(got), pick(want), check_exact=True)
 
 
 # --------------------------------------------------------------------------- command line errors
@@ -402,9 +431,6 @@ def test_unknown_config_names_list_the_valid_ones():
         rc, log = _finish(f"{group}=nope")
         assert rc == 1 and f"Could not find '{group}/nope'" in log and f"Available options in '{group}'" in log
         assert all(f"\t{v}\n" in log for v in valid), log
-    rc, log = _finish("editor.name=nope", "model=tiny-llama")
-    assert rc == 2 and "unknown editor 'nope'; valid editors: " in log and "ft" in log
-    assert "Traceback" not in log
 
 
 def test_unsupported_architecture_is_refused_before_loading_weights():
@@ -413,29 +439,14 @@ def test_unsupported_architecture_is_refused_before_loading_weights():
     code = ("import sys; from editbench.registry import register; from editors.ft import FT\n"
             "register('llama-only')(type('LlamaOnly', (FT,), {'supported_families': ('llama',)}))\n"
             "sys.argv = ['editbench', 'model=gptj', 'editor=ft', 'editor.name=llama-only', 'out_dir=/nonexistent/x']\n"
-            "from editbench.__main__ import main; main()")
+            "import runpy; runpy.run_module('editbench', run_name='__main__', alter_sys=True)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert ("editor 'llama-only' does not support the gptj architecture of model 'gptj'; it supports: llama"
             in r.stderr + r.stdout)
     assert "Traceback" not in r.stderr
-    rc, log = _finish("model=tiny-llama", "model.family=mamba")
-    assert rc == 2 and "model 'tiny-llama' declares family 'mamba', which has no ArchSpec" in log
-
-
-@pytest.mark.parametrize("content,problem", [
-    (b'[{"case_id": 1, "prompt": "p \xff\xfe"}]', "not UTF-8 text (byte 0xff at offset 30)"),
-    (json.dumps([{"case_id": 5, "prompt": "P is", "subject": "P", "target_new": "x", "rephrase_prompt": "r",
-                  "locality_prompt": "l", "locality_ground_truth": "z"}] * 2).encode(),
-     "record 1, field 'case_id': duplicate case_id '5' (record 0 has it too)"),
-])
-def test_corrupted_data_file_is_one_line_and_exit_2(tmp_path, content, problem):
-    bad = tmp_path / "bad.json"
-    bad.write_bytes(content)
-    rc, log = _finish("model=tiny-llama", "data=cf", f"data.path={bad}", f"out_dir={tmp_path}")
-    assert rc == 2
-    lines = [ln for ln in log.splitlines() if ln.strip()]
-    assert lines == [f"{bad}: {problem}" if "UTF-8" in problem else f"{bad}, {problem}"], log
+    with pytest.raises(ValueError, match="model 'tiny-llama' declares family 'mamba', which has no ArchSpec"):
+        check_compatible(compose_cfg("model=tiny-llama", "model.family=mamba"))
 
 
 # --------------------------------------------------------------------------- safety
@@ -502,6 +513,7 @@ def test_checkpoint_round_trip_is_exact_and_atomic(tmp_path):
     path = save_checkpoint(tmp_path / "ckpt" / "hyper.safetensors", tensors, meta)
     loaded, got = load_checkpoint(path, expect_meta={"key": meta["key"]})
     assert got == meta == read_meta(path)
+    assert stat.S_IMODE(path.stat().st_mode) == default_file_mode()
     assert set(loaded) == set(tensors)
     for name, t in tensors.items():
         assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t), name
@@ -525,7 +537,7 @@ def test_checkpoint_loading_never_runs_pickled_code(tmp_path):
             return (open, (str(marker), "w"))
 
     for name in ("evil.safetensors", "evil.pt"):
-        (tmp_path / name).write_bytes(pickle.dumps({"w": Payload()}))
+        (tmp_path / name).write_bytes(pickle.dumps({"w": Payload()}, protocol=2))
     with pytest.raises(CheckpointError, match="not a valid safetensors checkpoint"):
         load_checkpoint(tmp_path / "evil.safetensors")
     with pytest.raises(CheckpointError, match="cannot be loaded safely"):

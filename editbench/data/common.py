@@ -273,7 +273,7 @@ def first_alias(value: Any, path, index: int, field: str) -> str:
     answers once ``{value, aliases}`` is turned into ``[value, *aliases]``).
     """
     if isinstance(value, str):
-        return value.strip()
+        return check_str(value, path, index, field, allow_empty=True)
     if not isinstance(value, list):
         fail(path, index, field, f"expected a string or a list of aliases, got {type_name(value)}")
     for j, answer in enumerate(value):
