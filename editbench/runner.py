@@ -344,10 +344,10 @@ def run(cfg: DictConfig, cases: Sequence[EditCase] | None = None,
         plan = []
         for T in cfg.runner.steps:
             chunks, dropped = chunks_of(selected, int(T))
-            if dropped:
-                log.warning("T=%d: %d case(s) do not fill a last chunk and are dropped", T, dropped)
             if not chunks:
-                log.warning("T=%d: fewer than %d cases selected; no chunk to run", T, T)
+                log.warning("T=%d: only %d case(s) selected; no chunk of %d to run", T, len(selected), T)
+            elif dropped:
+                log.warning("T=%d: %d case(s) do not fill a last chunk and are dropped", T, dropped)
             plan += [(int(T), i, ch) for i, ch in enumerate(chunks)]
         code = code_fingerprint(cls)
         todo = _check_finished_chunks(run, plan, code)

@@ -66,23 +66,30 @@ class GeneralSuite:
         self.fmt = str(self.cfg.get("format", "letter"))
         n = self.cfg.get("n")
         self.n = None if n is None else int(n)
+        if self.n is not None and self.n < 1:
+            raise ValueError(f"general.n must be a positive number of examples or null (all), got {n}")
         self.seed = int(self.cfg.get("seed", 0))
         self.kw = dict(batch_tokens=int(self.cfg.get("batch_tokens", 4096)),
                        max_batch=int(self.cfg.get("batch_size") or 32), padding_side=padding_side,
                        cloze_norm=str(self.cfg.get("cloze_norm", "sum")))
-        vocab = lm.model.get_output_embeddings().weight.shape[0]
         model = lm.model
+        vocab = model.get_output_embeddings().weight.shape[0]
         device = next(model.parameters()).device
+        max_tokens = int(self.cfg.get("max_tokens", 1024))
+        positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        if positions:
+            max_tokens = min(max_tokens, int(positions))
         self.tasks: list[_Task] = []
         for name in self.tasks_cfg:
+            t0 = time.perf_counter()
             items = select(load_items(name, self.cfg), self.n, self.seed)
-            queries = build_queries(name, items, self.tok, self.fmt, int(self.cfg.get("max_tokens", 1024)),
+            queries = build_queries(name, items, self.tok, self.fmt, max_tokens,
                                     int(self.cfg.get("squad_context_tokens", 256)))
             unedited = self._unedited(name, queries, fingerprint,
                                       lambda ids, mask: model_logits(model, ids, mask), device)
             self.tasks.append(_Task(name, queries, chance_level(name, queries, vocab), unedited))
-            log.info("general/%s: unedited %.4f (chance %.4f, n=%d, format=%s)", name, unedited.score,
-                     self.tasks[-1].chance, len(queries), self.fmt)
+            log.info("general/%s: unedited %.4f (chance %.4f, n=%d, format=%s; %.1f s)", name, unedited.score,
+                     self.tasks[-1].chance, len(queries), self.fmt, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ unedited cache
     def cache_key(self, task: str, queries: Sequence[Query], fingerprint: str) -> str:

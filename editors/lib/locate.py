@@ -12,7 +12,8 @@ here is our own. The pieces, in the order an edit uses them:
   "essence" prompt), the subject's last token of every row (:func:`subject_last_token`,
   from tokenizer offsets), and the target positions. The (prompt, target) tokenisation
   is the harness's :func:`editbench.scoring.encode`, so the optimised target tokens are
-  exactly the scored ones.
+  exactly the scored ones. Rows are padded so that every lookup token sits in the same
+  column (left padding before it, right padding after).
 * :func:`capture_layers`: ONE forward pass without gradients, stopped after the deepest
   layer needed, that records for each layer the residual stream after the layer and
   the input/output of ``mlp_out`` at every row's subject token. Because attention is
@@ -27,14 +28,17 @@ here is our own. The pieces, in the order an edit uses them:
   every supported family adds the MLP output to the residual stream), minimising
   ``NLL(target | rewriting prompts) + kl_factor * KL(essence prompt) +
   v_weight_decay * |delta| / |init|^2`` with Adam, ``|delta| <= clamp_norm_factor * |init|``,
-  stopping when a request's loss < ``early_stop_loss``. The layers below the edit layer
-  are not recomputed: :class:`TailRunner` feeds the cached residual stream to the
-  layers above it only, and the LM head is applied only at the positions the loss needs.
+  stopping when a request's loss < ``early_stop_loss``. Nothing that does not depend on
+  the delta is recomputed (:class:`TailRunner`): the layers below the edit layer run
+  once (the cached residual stream is fed to the layers above it), the columns before
+  the lookup column run once (a key/value cache), and the LM head is applied only at the
+  positions the loss needs. On SmolLM2 this is ~3x faster than the plain loop.
 * :func:`rome_rank_one` (ROME's ``u``/``v``), :func:`memit_weight_delta` (MEMIT's
   covariance-weighted least squares) and :func:`add_to_weight` (in place, Conv1D-aware).
 """
 from __future__ import annotations
 
+import copy
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -153,24 +157,33 @@ def subject_last_token(tok, text: str, subject: str, start_char: int = 0) -> int
 
 @dataclass
 class EditRows:
-    """A padded batch of the rows an edit needs and where to look in them."""
+    """A padded batch of the rows an edit needs and where to look in them.
 
-    input_ids: torch.Tensor          # (B, S), right padded
+    Rows are padded on the left so that every row's lookup token is in the same column
+    ``prefix_len`` (and on the right to a common width); position ids follow the mask.
+    """
+
+    input_ids: torch.Tensor          # (B, S)
     attention_mask: torch.Tensor     # (B, S)
-    lookup: torch.Tensor             # (B,) subject's last token of each row
+    lookup: torch.Tensor             # (B,) column of each row's lookup token (all equal)
     request: torch.Tensor            # (B,) request index of each row
     groups: list[list[list[int]]]    # per request: template groups of rewriting-row indices
     bare_rows: torch.Tensor          # (n,) row of the un-prefixed prompt of each request
     kl_rows: torch.Tensor            # (n,) row of the essence prompt of each request
     target_rows: torch.Tensor        # (P,) row of each target token
-    target_cols: torch.Tensor        # (P,) position whose logits predict it
+    target_cols: torch.Tensor        # (P,) column whose logits predict it
     target_ids: torch.Tensor         # (P,) the token
     target_len: torch.Tensor         # (n,) target length of each request
     subject_found: list[bool]
+    prefix_cache: object = None      # key/value cache of the columns before prefix_len (TailRunner)
 
     @property
     def n_requests(self) -> int:
         return len(self.groups)
+
+    @property
+    def prefix_len(self) -> int:
+        return int(self.lookup[0])
 
     @property
     def position_ids(self) -> torch.Tensor:
@@ -254,16 +267,21 @@ def build_edit_rows(tok, requests: Sequence[EditRequest], templates: list[list[s
         seqs.append(list(ids))
         lookup.append(idx if idx is not None else len(ids) - 1)
         req_of.append(r)
+    # Pad on the left so that every row's lookup token sits in the same column P, and on
+    # the right to a common width: columns < P never depend on the optimised delta.
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    width = max(len(s) for s in seqs)
+    P = max(lookup)
+    shift = [P - i for i in lookup]
+    width = max(sh + len(s) for sh, s in zip(shift, seqs))
     ids_t = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids_t[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
+    for i, (sh, s) in enumerate(zip(shift, seqs)):
+        ids_t[i, sh:sh + len(s)] = torch.tensor(s)
+        mask[i, sh:sh + len(s)] = 1
+    t_cols = [c + shift[r] for r, c in zip(t_rows, t_cols)]
     L = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    return EditRows(ids_t, mask, L(lookup), L(req_of), groups, L(bare), L(kl_rows), L(t_rows), L(t_cols), L(t_ids),
-                    L(t_len), found_all)
+    return EditRows(ids_t, mask, L([P] * len(seqs)), L(req_of), groups, L(bare), L(kl_rows), L(t_rows), L(t_cols),
+                    L(t_ids), L(t_len), found_all)
 
 
 # --------------------------------------------------------------------------- tracing
@@ -334,13 +352,19 @@ def grouped_key_means(rows: EditRows, keys: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- running the upper layers
 class TailRunner:
     """Logits at chosen positions when a vector is added to the residual stream after a
-    layer, computing only the layers above it.
+    layer at the lookup column, computing as little as possible.
 
-    The fast path temporarily hands the base model a ModuleList holding only the upper
-    layers and feeds the cached residual stream as ``inputs_embeds``; it is checked once
-    per layer against a full forward pass and used only when both agree (otherwise, and
-    for architectures where it does not apply, a full forward pass with a hook is used).
-    The original ModuleList is put back before returning, so the module tree is unchanged.
+    The lookup token of every row is in column ``P`` (see :class:`EditRows`), so columns
+    before ``P`` never depend on the delta: their keys and values are computed once per
+    edit (a key/value cache of the base model, ``rows.prefix_cache``). Each step then runs
+    only the columns from ``P`` on, only through the layers above the edit layer (the base
+    model is handed a ModuleList of those layers and the cached residual stream as
+    ``inputs_embeds``), and applies the LM head only where the loss needs logits.
+
+    This shortcut is checked once per layer against a plain forward pass with a hook
+    (same inputs, zero delta) and used only when both agree; otherwise, or where the
+    architecture does not allow it, the plain forward pass with the hook is used. The
+    original ModuleList is always put back, so the module tree is unchanged.
     """
 
     def __init__(self, model: nn.Module, arch: ArchSpec):
@@ -363,17 +387,34 @@ class TailRunner:
         finally:
             setattr(self.parent, self.attr, full)
 
-    def _fast(self, layer, h, rows: EditRows, pos_rows, pos_cols) -> torch.Tensor:
-        with self._upper_layers(layer):
-            out = self.parent(inputs_embeds=h, attention_mask=rows.attention_mask, position_ids=rows.position_ids,
-                              use_cache=False)
-        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        return self.head(hidden[pos_rows, pos_cols])
+    @torch.no_grad()
+    def _prefix_cache(self, rows: EditRows):
+        if rows.prefix_cache is None and rows.prefix_len > 0:
+            P = rows.prefix_len
+            out = self.parent(input_ids=rows.input_ids[:, :P], attention_mask=rows.attention_mask[:, :P],
+                              position_ids=rows.position_ids[:, :P], use_cache=True)
+            rows.prefix_cache = out.past_key_values
+        return rows.prefix_cache
 
-    def _full(self, layer, add_rows, add_cols, add_vals, rows: EditRows, pos_rows, pos_cols) -> torch.Tensor:
+    def _fast(self, layer, h0, delta_rows, rows: EditRows, pos_rows, pos_cols) -> torch.Tensor:
+        P = rows.prefix_len
+        h = h0[:, P:]
+        b = torch.arange(h.shape[0], device=h.device)
+        h = h.index_put((b, torch.zeros_like(b)), delta_rows.to(h.dtype), accumulate=True)
+        cache = self._prefix_cache(rows)
+        cache = copy.deepcopy(cache) if cache is not None else None
+        with self._upper_layers(layer):
+            out = self.parent(inputs_embeds=h, attention_mask=rows.attention_mask,
+                              position_ids=rows.position_ids[:, P:], past_key_values=cache,
+                              use_cache=cache is not None)
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        return self.head(hidden[pos_rows, pos_cols - P])
+
+    def _full(self, layer, delta_rows, rows: EditRows, pos_rows, pos_cols) -> torch.Tensor:
         def hook(module, args, output):
             hs = _hidden(output)
-            hs = hs.index_put((add_rows.to(hs.device), add_cols.to(hs.device)), add_vals.to(hs.dtype), accumulate=True)
+            b = torch.arange(hs.shape[0], device=hs.device)
+            hs = hs.index_put((b, rows.lookup.to(hs.device)), delta_rows.to(hs.device, hs.dtype), accumulate=True)
             return (hs,) + tuple(output[1:]) if isinstance(output, tuple) else hs
 
         handle = self.arch.module(self.model, "layer", layer).register_forward_hook(hook)
@@ -384,24 +425,31 @@ class TailRunner:
             handle.remove()
         return logits[pos_rows, pos_cols]
 
-    def logits(self, layer: int, h0: torch.Tensor, add_rows, add_cols, add_vals, rows: EditRows,
-               pos_rows, pos_cols) -> torch.Tensor:
-        """(P, V) logits at (pos_rows, pos_cols) with ``add_vals`` added to the residual
-        stream after ``layer`` at (add_rows, add_cols); ``h0`` is that stream unmodified."""
+    def _check(self, layer, h0, delta_rows, rows, pos_rows, pos_cols) -> bool:
+        with torch.no_grad():
+            zero = torch.zeros_like(delta_rows)
+            try:
+                fast = self._fast(layer, h0, zero, rows, pos_rows, pos_cols).float()
+            except Exception as e:  # an architecture or version the shortcut does not fit
+                log.warning("upper-layer shortcut failed at layer %d (%s); using full forward passes", layer, e)
+                return False
+            full = self._full(layer, zero, rows, pos_rows, pos_cols).float()
+            scale = full.abs().max().clamp(min=1.0)
+            ok = bool(((fast - full).abs().max() <= 1e-3 * scale).item())
+        if not ok:
+            log.warning("upper-layer shortcut disagrees with the full forward at layer %d; using full passes", layer)
+        return ok
+
+    def logits(self, layer: int, h0: torch.Tensor, delta_rows: torch.Tensor, rows: EditRows,
+               pos_rows: torch.Tensor, pos_cols: torch.Tensor) -> torch.Tensor:
+        """(P, V) logits at (pos_rows, pos_cols) when ``delta_rows[r]`` is added to row r's
+        residual stream after ``layer`` at the lookup column; ``h0`` (B, S, d) is that
+        stream without the delta (from :func:`capture_layers`)."""
         if self.usable and layer not in self.verified:
-            with torch.no_grad():
-                zero = torch.zeros_like(add_vals)
-                fast = self._fast(layer, h0, rows, pos_rows, pos_cols).float()
-                full = self._full(layer, add_rows, add_cols, zero, rows, pos_rows, pos_cols).float()
-                scale = full.abs().max().clamp(min=1.0)
-                ok = bool(((fast - full).abs().max() <= 1e-3 * scale).item())
-            if not ok:
-                log.warning("upper-layer shortcut disagrees with the full forward at layer %d; using full passes", layer)
-            self.verified[layer] = ok
-        if self.usable and self.verified.get(layer):
-            h = h0.index_put((add_rows, add_cols), add_vals.to(h0.dtype), accumulate=True)
-            return self._fast(layer, h, rows, pos_rows, pos_cols)
-        return self._full(layer, add_rows, add_cols, add_vals, rows, pos_rows, pos_cols)
+            self.verified[layer] = self._check(layer, h0, delta_rows, rows, pos_rows, pos_cols)
+        if self.usable and self.verified[layer]:
+            return self._fast(layer, h0, delta_rows, rows, pos_rows, pos_cols)
+        return self._full(layer, delta_rows, rows, pos_rows, pos_cols)
 
 
 # --------------------------------------------------------------------------- value optimisation
@@ -413,6 +461,7 @@ class ValueResult:
     steps: list[int]          # forward passes per request until it stopped
 
 
+@torch.enable_grad()
 def optimize_value(tail: TailRunner, rows: EditRows, layer: int, capture: LayerCapture, init_norm: torch.Tensor,
                    hp: LocateParams) -> ValueResult:
     """The official ROME/MEMIT value objective for every request of ``rows`` at once.
@@ -426,8 +475,6 @@ def optimize_value(tail: TailRunner, rows: EditRows, layer: int, capture: LayerC
     device = h0.device
     rows.to(device)
     d = h0.shape[-1]
-    b_all = torch.arange(rows.input_ids.shape[0], device=device)
-    add_rows, add_cols = b_all, rows.lookup
     pos_rows = torch.cat([rows.target_rows, rows.kl_rows])
     pos_cols = torch.cat([rows.target_cols, rows.lookup[rows.kl_rows]])
     n_t = rows.target_rows.shape[0]
@@ -446,7 +493,7 @@ def optimize_value(tail: TailRunner, rows: EditRows, layer: int, capture: LayerC
     kl_init = None
     loss_vec = nll_vec = None
     for it in range(hp.v_num_grad_steps):
-        logits = tail.logits(layer, h0, add_rows, add_cols, delta[row_req], rows, pos_rows, pos_cols)
+        logits = tail.logits(layer, h0, delta[row_req], rows, pos_rows, pos_cols)
         logp = torch.log_softmax(logits.float(), dim=-1)
         # NLL of every target token, summed per row, / target length, averaged over the rows
         tok_lp = logp[:n_t].gather(-1, rows.target_ids[:, None])[:, 0]
