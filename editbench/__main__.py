@@ -33,6 +33,15 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+def _in_multirun() -> bool:
+    """True inside a job of a ``-m`` sweep: there an error must fail the job, not exit the
+    process (which would stop the basic launcher's remaining jobs)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from editbench.results import RunFolderBusy
@@ -44,9 +53,13 @@ def main(cfg: DictConfig) -> None:
     except (DataError, ValueError, FileNotFoundError, RunFolderBusy) as err:
         # Bad input or configuration: one clear line, no stack trace. Finished chunks stay on disk.
         log.error("%s", err)
+        if _in_multirun():  # the launcher records this job as failed and runs the sweep's other jobs
+            raise RuntimeError(f"bad input or configuration: {err}") from None  # plain: picklable
         sys.exit(2)
     except RestoreError as err:
         log.error("%s", " ".join([str(err), *getattr(err, "__notes__", [])]))
+        if _in_multirun():
+            raise RuntimeError(" ".join([str(err), *getattr(err, "__notes__", [])])) from None
         sys.exit(3)
     except KeyboardInterrupt as err:
         which = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"

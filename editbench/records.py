@@ -64,6 +64,10 @@ class DataError(ValueError):
             where += f", field '{field_name}'"
         super().__init__(f"{where}: {problem}")
 
+    def __reduce__(self):
+        # picklable, so that launcher plugins (joblib, submitit) can return it from a job
+        return (type(self), (self.path, self.index, self.field, self.problem))
+
 
 class EditFailed(RuntimeError):
     """Raised by an editor when it cannot make one edit: a numerical failure of the method

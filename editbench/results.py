@@ -39,7 +39,8 @@ NONDETERMINISTIC_METRICS = ("edit_time_s", "infer_time_s", "infer_overhead", "pe
 log = logging.getLogger(__name__)
 #: names of the temporary files atomic_write_text creates for the files of a run folder
 _PARTIAL = re.compile(
-    r"^\.(config\.yaml|env\.json|cases\.csv|summary\.csv|metrics\.png|T\d+-c\d+\.json)\.[^.]+(\.png)?$")
+    r"^\.(config\.yaml|env\.json|cases\.csv|summary\.csv|curve\.csv|metrics\.png|curve\.png|T\d+-c\d+\.json)"
+    r"\.[^.]+(\.png)?$")
 
 
 class RunFolderBusy(RuntimeError):

@@ -13,6 +13,10 @@ is dropped and reported), and for each chunk:
 4. ``reset()`` and verify that every parameter the editor touched is bit-identical to
    the original and that no module was left replaced or hooked.
 
+With ``runner.curve=true``, chunks of T >= CURVE_MIN_T also record a retention curve:
+after edit k for k in 1, 2, 5, 10, 20, 50, ... (and T), the reliability of every case
+edited so far, binned by edit age (see :func:`curve_checkpoints`, :func:`curve_entries`).
+
 Each finished (T, chunk) is written atomically to ``chunks/``; a rerun of the same
 command skips it, so an interrupted run loses at most the chunk in progress.
 
@@ -41,7 +45,7 @@ import os
 import random
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -180,6 +184,45 @@ def edit_seed(seed: int, T: int, idx: int, k: int) -> int:
     return int(hashlib.sha256(f"{seed}:{T}:{idx}:{k}".encode()).hexdigest()[:8], 16)
 
 
+#: chunks shorter than this record no retention curve (runner.curve=true)
+CURVE_MIN_T = 10
+
+
+def geometric_grid(limit: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to ``limit`` (inclusive)."""
+    grid, base = [], 1
+    while base <= limit:
+        grid += [v for v in (base, 2 * base, 5 * base) if v <= limit]
+        base *= 10
+    return grid
+
+
+def curve_checkpoints(T: int) -> list[int]:
+    """After which edits of a chunk of T the retention curve is measured: the geometric
+    grid below T, and T itself (whose scores are the chunk's final scoring pass)."""
+    return sorted(set(geometric_grid(T)) | {T})
+
+
+def age_bin(age: int) -> int:
+    """The smallest grid value >= ``age``: bin 5 holds ages 3-5, bin 10 ages 6-10, ..."""
+    base = 1
+    while True:
+        for v in (base, 2 * base, 5 * base):
+            if age <= v:
+                return v
+        base *= 10
+
+
+def curve_entries(k: int, reliability: dict[int, float]) -> list[dict[str, Any]]:
+    """Curve entries after ``k`` edits from {position in the chunk (0-based): reliability}:
+    one per age bin (age = k - position: 1 is the latest edit), with the mean and count."""
+    bins: dict[int, list[float]] = {}
+    for pos, rel in reliability.items():
+        bins.setdefault(age_bin(k - pos), []).append(rel)
+    return [{"after_edits": k, "age": a, "reliability": float(np.mean(v)), "n": len(v)}
+            for a, v in sorted(bins.items())]
+
+
 def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
@@ -302,6 +345,8 @@ class Context:
     run: results.RunDir
     #: extra measurements after a chunk's edits: name -> fn(editor, T, chunk_index) -> {key: value}
     after_edit_hooks: dict[str, Callable[[Any, int, int], dict[str, float]]]
+    #: scores reliability only, for the retention curve (runner.curve=true); None: no curve
+    curve_scorer: Scorer | None = None
 
 
 def build_editor(cfg: DictConfig, lm: LoadedModel):
@@ -356,6 +401,10 @@ def run(cfg: DictConfig, cases: Sequence[EditCase] | None = None,
             _run_chunks(cfg, cls, run, todo, lm, code)
         summary = results.write_tables(run, meta)
         _plot(summary, run.path / "metrics.png")
+        if cfg.runner.get("curve"):
+            from editbench.report import write_curve
+
+            write_curve(run.path)
     log.info("wrote %s", run.path / "summary.csv")
     return run.path
 
@@ -414,6 +463,13 @@ def _run_chunks(cfg: DictConfig, cls: type, run: results.RunDir, todo: list, lm:
         editor.fit(_train_cases(cfg))
     lm.model.eval()
     ctx = Context(cfg, lm, editor, scorer, WeightGuard(lm.model), run, after_edit_hooks={})
+    if cfg.runner.get("curve"):
+        if cfg.runner.batch_edit:
+            log.warning("runner.curve=true has no effect with runner.batch_edit=true (no state between edits)")
+        else:
+            ctx.curve_scorer = Scorer(lm.tokenizer, batch_size=cfg.runner.batch_size,
+                                      padding_side=cfg.runner.padding_side, device=scorer.device,
+                                      cf_metrics=False, exact_match=False)
     for name, hook in _after_edit_hooks(cfg, lm).items():
         ctx.after_edit_hooks[name] = hook
     written: list[Path] = []
@@ -515,6 +571,8 @@ def _run_chunk(ctx: Context, T: int, idx: int, chunk: list[EditCase]) -> dict[st
 
     #: position in the chunk -> why its edit failed
     failures: dict[int, str] = {}
+    curve: list[dict[str, Any]] = []
+    curve_at: set[int] = set()
     infos: list[dict[str, Any] | None] = [None] * T
     times: list[float | None] = [None] * T
     if cfg.runner.batch_edit:
@@ -533,6 +591,7 @@ def _run_chunk(ctx: Context, T: int, idx: int, chunk: list[EditCase]) -> dict[st
             infos = [info] * T
     else:
         applied: list[int] = []
+        curve_at = set(curve_checkpoints(T)) if ctx.curve_scorer is not None and T >= CURVE_MIN_T else set()
         progress = cfg.runner.progress and T >= 10
         for k, case in enumerate(tqdm(chunk, desc=f"T={T} edits", leave=False, disable=not progress)):
             _seed_all(edit_seed(seed, T, idx, k))
@@ -550,12 +609,14 @@ def _run_chunk(ctx: Context, T: int, idx: int, chunk: list[EditCase]) -> dict[st
             if fault is None:
                 infos[k] = info
                 applied.append(k)
-                continue
-            failures[k] = fault
-            log.warning("T=%d chunk %d: edit of case %s failed (%s); resetting the editor and replaying the %d "
-                        "earlier edit(s) of the chunk", T, idx, case.case_id, fault, len(applied))
-            _reset_and_verify(ctx)
-            _replay(ctx, chunk, applied, seed, T, idx)
+            else:
+                failures[k] = fault
+                log.warning("T=%d chunk %d: edit of case %s failed (%s); resetting the editor and replaying the "
+                            "%d earlier edit(s) of the chunk", T, idx, case.case_id, fault, len(applied))
+                _reset_and_verify(ctx)
+                _replay(ctx, chunk, applied, seed, T, idx)
+            if k + 1 in curve_at and k + 1 < T and applied:
+                curve += curve_entries(k + 1, _reliability_so_far(ctx, chunk, applied))
 
     ok = [c for k, c in enumerate(chunk) if k not in failures]
     model.eval()
@@ -583,6 +644,11 @@ def _run_chunk(ctx: Context, T: int, idx: int, chunk: list[EditCase]) -> dict[st
     record = {"T": T, "chunk": idx, "cases": cases, "editor_stats": stats, "peak_mem_mb": peak_mem_mb(device),
               "timing": {"seconds": timing.seconds, "queries": timing.queries},
               "reference_timing": {"seconds": ref_timing.seconds, "queries": ref_timing.queries}}
+    if T in curve_at:  # the last checkpoint is the chunk's final scoring pass
+        final = {k: edited[c.case_id]["reliability"] for k, c in enumerate(chunk)
+                 if k not in failures and c.case_id not in logit_faults}
+        curve += curve_entries(T, final) if final else []
+        record["curve"] = curve
     record.update(extra)
     return record
 
@@ -593,6 +659,21 @@ def _attempt(fn: Callable, arg: Any) -> tuple[Any, str | None]:
         return fn(arg), None
     except NUMERICAL_FAILURES as err:
         return None, " ".join(f"{type(err).__name__}: {err}".split())
+
+
+def _reliability_so_far(ctx: Context, chunk: list[EditCase], applied: list[int]) -> dict[int, float]:
+    """Reliability of the cases edited so far (position -> token accuracy) through
+    ``editor.logits``: the retention curve's checkpoint. Only the edit request is scored."""
+    model = ctx.lm.model
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            scores, _ = ctx.curve_scorer.score(ctx.editor.logits, [replace(chunk[j], generality={}, locality={},
+                                                                           portability={}) for j in applied])
+    finally:
+        model.train(training)
+    return {j: scores[chunk[j].case_id]["reliability"] for j in applied}
 
 
 def _nonfinite_fault(model: torch.nn.Module, touched: Sequence[str]) -> str | None:
