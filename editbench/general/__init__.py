@@ -88,7 +88,7 @@ class GeneralSuite:
             unedited = self._unedited(name, queries, fingerprint,
                                       lambda ids, mask: model_logits(model, ids, mask), device)
             self.tasks.append(_Task(name, queries, chance_level(name, queries, vocab), unedited))
-            log.info("general/%s: unedited %.4f (chance %.4f, n=%d, format=%s; %.1f s)", name, unedited.score,
+            log.info("general/%s: unedited %.4f (chance %.3g, n=%d, format=%s; %.1f s)", name, unedited.score,
                      self.tasks[-1].chance, len(queries), self.fmt, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ unedited cache

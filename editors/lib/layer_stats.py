@@ -152,7 +152,7 @@ def second_moments(model: nn.Module, tok, arch: ArchSpec, layers: Sequence[int],
     for layer in layers:
         path = stats_path(fingerprint, arch.name(template, layer), cfg, n_texts, corpus)
         if path.is_file():
-            out[layer] = torch.load(path, map_location="cpu")["mom2"]
+            out[layer] = torch.load(path, map_location="cpu", weights_only=True)["mom2"]
         else:
             missing.append(layer)
     if missing:

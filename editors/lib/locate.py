@@ -435,7 +435,8 @@ class TailRunner:
                 return False
             full = self._full(layer, zero, rows, pos_rows, pos_cols).float()
             scale = full.abs().max().clamp(min=1.0)
-            ok = bool(((fast - full).abs().max() <= 1e-3 * scale).item())
+            tol = 1e-3 if h0.dtype in (torch.float32, torch.float64) else 3e-2  # half precision rounds more
+            ok = bool(((fast - full).abs().max() <= tol * scale).item())
         if not ok:
             log.warning("upper-layer shortcut disagrees with the full forward at layer %d; using full passes", layer)
         return ok
