@@ -25,7 +25,11 @@ from torch import nn
 
 from editbench.records import Probe
 
-LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``logits_fn(input_ids, attention_mask, prompt_len=None)``: an editor's ``logits``. ``prompt_len``
+#: (LongTensor, one per row) counts the row's real tokens that belong to the user's prompt; the
+#: real tokens after them are the answer being scored or generated. Retrieval editors build their
+#: query from the prompt part only, so no target token can leak into the retrieval.
+LogitsFn = Callable[..., torch.Tensor]
 
 
 def model_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -40,6 +44,21 @@ def sync(device: torch.device | str | None = None) -> None:
     """Wait for queued GPU work so that a wall clock reading means something."""
     if torch.cuda.is_available():
         torch.cuda.synchronize(device)
+
+
+def prompt_token_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      prompt_len: torch.Tensor | None = None) -> list[list[int]]:
+    """Per row, the token ids of the user's prompt: the first ``prompt_len[row]`` real tokens
+    (left or right padding), or every real token when ``prompt_len`` is None.
+
+    This is what a retrieval editor may use as its query: with ``prompt_len`` given, no token
+    of the answer being scored or generated is included.
+    """
+    rows = []
+    for r, (ids, m) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
+        real = [t for t, keep in zip(ids, m) if keep]
+        rows.append(real if prompt_len is None else real[:int(prompt_len[r])])
+    return rows
 
 
 # --------------------------------------------------------------------------- encoding
@@ -147,9 +166,10 @@ def teacher_forced(logits_fn: LogitsFn, encoded: Sequence[Encoded], pad_id: int,
     for batch in length_batches([len(e.ids) for e in encoded], batch_size):
         seqs = [encoded[i].ids for i in batch]
         ids, mask = pad_batch(seqs, pad_id, padding_side, device)
+        prompt_len = torch.tensor([encoded[i].start for i in batch], device=ids.device)
         sync(device)
         t0 = time.perf_counter()
-        logits = logits_fn(ids, mask)
+        logits = logits_fn(ids, mask, prompt_len=prompt_len)
         sync(device)
         timing.seconds += time.perf_counter() - t0
         timing.queries += len(batch)
@@ -194,7 +214,8 @@ def greedy_generate(logits_fn: LogitsFn, prompts: Sequence[Sequence[int]], n_new
         for step in range(max(n_new[i] for i in batch)):
             live = [i for i in batch if step < n_new[i]]
             ids, mask = pad_batch([seqs[i] for i in live], pad_id, "right", device)
-            logits = logits_fn(ids, mask)
+            prompt_len = torch.tensor([len(prompts[i]) for i in live], device=ids.device)
+            logits = logits_fn(ids, mask, prompt_len=prompt_len)
             last = mask.sum(-1) - 1
             step_logits = logits[torch.arange(len(live)), last]
             nxt = step_logits.argmax(-1).tolist()

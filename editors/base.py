@@ -50,11 +50,14 @@ class Editor:
         """Apply several edits at once (only where ``supports_batch``)."""
         raise NotImplementedError(f"editor '{self.name}' has no batched edit")
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               prompt_len: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits of the edited model, aligned with ``input_ids``.
 
         Parameter editors use the model as it is; editors with memories or hooks
-        override this and strip any positions they prepend.
+        override this and strip any positions they prepend. ``prompt_len`` (one per row, or
+        None) counts the real tokens of each row that are the user's prompt; retrieval
+        editors build their query from those only (``editbench.scoring.prompt_token_rows``).
         """
         return model_logits(self.model, input_ids, attention_mask)
 
@@ -67,6 +70,39 @@ class Editor:
 
     def fit(self, train_cases: Sequence[EditCase]) -> None:
         """Train what the method learns (only where ``needs_training``)."""
+
+    # ------------------------------------------------------------------ training protocol
+    # Editors with ``needs_training`` are trained by the one pipeline in editbench/train.py,
+    # which owns the loop, data order, optimiser, validation, checkpoints and the cache.
+    # An editor supplies only what is specific to its method:
+    def trainable(self) -> nn.Module:
+        """The module whose parameters (those with ``requires_grad``) training updates:
+        a hypernetwork, retriever heads, prompt generators, LoRA adapters. The base model's
+        own weights stay frozen."""
+        raise NotImplementedError(f"editor '{self.name}' has nothing to train")
+
+    def training_loss(self, batch: Sequence[EditCase]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The method's training loss on a batch of training cases, and its named parts
+        (reliability, generality, locality, retrieval...) for the logs."""
+        raise NotImplementedError(f"editor '{self.name}' has no training loss")
+
+    def validation_metrics(self, cases: Sequence[EditCase]) -> dict[str, float]:
+        """Held-out figures logged during training (retrieval accuracy, edit success...)."""
+        return {}
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: the trainable parameters (and buffers an editor adds)."""
+        return {n: p.detach() for n, p in self.trainable().named_parameters() if p.requires_grad}
+
+    def load_trained_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load :meth:`trained_state` from a checkpoint (strict: names and shapes must match)."""
+        params = {n: p for n, p in self.trainable().named_parameters() if p.requires_grad}
+        if set(params) != set(state):
+            raise ValueError(f"editor '{self.name}': checkpoint tensors {sorted(set(state) ^ set(params))[:5]} "
+                             f"do not match the trainable parameters")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state[n])
 
     def stats(self) -> dict[str, float]:
         """Growth figures after the current edits (codebook size, patch neurons...)."""

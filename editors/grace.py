@@ -215,7 +215,7 @@ class Grace(Editor):
     def stats(self):
         return {"codebook_size": float(len(self.book) if self.book is not None else 0)}
 
-    def logits(self, input_ids, attention_mask):
+    def logits(self, input_ids, attention_mask, prompt_len=None):
         if self.book is None:
             return model_logits(self.model, input_ids, attention_mask)
         self.book.row_mask = attention_mask.bool()

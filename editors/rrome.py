@@ -23,8 +23,8 @@ Deviations: the retriever is a frozen sentence encoder (all-MiniLM-L6-v2 offline
 default; ``encoder=roberta-base`` or ``contriever-msmarco`` for online users) without
 RASE's contrastively trained projection heads (``fit`` is not needed). With fewer than
 two stored facts only the absolute threshold applies (the gap is undefined); the std is
-over the available top-k. The query is the decoded row as the harness passes it (for
-teacher-forced scoring this includes the scored answer tokens; see docs/editors-locate.md).
+over the available top-k. The query is the decoded prompt part of each row (``prompt_len``
+from the harness), so the scored answer never reaches the retriever.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import torch
 
 from editbench.records import EditRequest
 from editbench.registry import register
-from editbench.scoring import model_logits
+from editbench.scoring import model_logits, prompt_token_rows
 from editors.lib.encoder import SentenceEncoder
 from editors.lib.locate import RankOneUpdate, add_to_weight
 from editors.rome import ROME, ROMEParams
@@ -115,13 +115,16 @@ class RROME(ROME):
         return {**updates[-1].info, "memory_size": len(self.patches)}
 
     # ------------------------------------------------------------------ inference
-    def retrieve(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B,) index of the stored fact applied to each row, -1 where RASE's rule does not fire."""
+    def retrieve(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 prompt_len: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) index of the stored fact applied to each row, -1 where RASE's rule does not fire.
+
+        The query is each row's prompt (``prompt_len``), never the scored answer."""
         choice = torch.full((input_ids.shape[0],), -1, dtype=torch.long)
         if not self.patches:
             return choice
-        texts = [self.tok.decode(ids[m.bool()], skip_special_tokens=True)
-                 for ids, m in zip(input_ids.cpu(), attention_mask.cpu())]
+        texts = [self.tok.decode(row, skip_special_tokens=True)
+                 for row in prompt_token_rows(input_ids, attention_mask, prompt_len)]
         q = self.encoder.encode(texts)
         fires, best = rase_decision(q @ self.keys.T, self.hp.top_k, self.hp.sim_threshold, self.hp.gap_threshold,
                                     self.hp.std_threshold)
@@ -130,8 +133,9 @@ class RROME(ROME):
         self.retrieved += int(fires.sum())
         return choice
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        choice = self.retrieve(input_ids, attention_mask)
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               prompt_len: torch.Tensor | None = None) -> torch.Tensor:
+        choice = self.retrieve(input_ids, attention_mask, prompt_len)
         if bool((choice < 0).all()):
             return model_logits(self.model, input_ids, attention_mask)
         handles = []

@@ -211,7 +211,7 @@ def test_logits_that_favour_one_option_move_the_score_to_its_share(tiny_llama, f
     a, ent = tok.encode("A", add_special_tokens=False)[0], tok.encode("entailment", add_special_tokens=False)[0]
 
     def favour(token):
-        def fn(ids, mask):
+        def fn(ids, mask, prompt_len=None):
             logits = model_logits(tiny_llama.model, ids, mask).clone()
             logits[..., token] += 1e4
             return logits
@@ -221,13 +221,13 @@ def test_logits_that_favour_one_option_move_the_score_to_its_share(tiny_llama, f
     out = hook(favour(a), 1, 0)
     assert out["csqa"] == CSQA_ANSWERS.count("A") / len(CSQA_ANSWERS)
     assert out["mmlu"] == MMLU_ANSWERS.count("A") / len(MMLU_ANSWERS)
-    assert out["csqa_unedited"] == hook(_Logits(lambda i, m: model_logits(tiny_llama.model, i, m)), 1, 0)["csqa"]
+    assert out["csqa_unedited"] == hook(_Logits(lambda i, m, prompt_len=None: model_logits(tiny_llama.model, i, m)), 1, 0)["csqa"]
     assert hook(favour(ent), 1, 0)["anli"] == ANLI_LABELS.count("e") / len(ANLI_LABELS)
 
 
 def test_padding_side_and_batching_do_not_change_scores(tiny_llama, fixture_dir):
     cfg = _gcfg(fixture_dir).general
-    fn = lambda i, m: model_logits(tiny_llama.model, i, m)  # noqa: E731
+    fn = lambda i, m, prompt_len=None: model_logits(tiny_llama.model, i, m)  # noqa: E731
     for task in ("csqa", "squad2"):
         qs = build_queries(task, select(load_items(task, cfg), None, 0), tiny_llama.tokenizer, "letter")
         ref = score_queries(task, qs, fn, 0, batch_tokens=1, max_batch=1)
@@ -263,7 +263,7 @@ class FavourA(Editor):
     def edit(self, request):
         self.n_edits += 1
 
-    def logits(self, input_ids, attention_mask):
+    def logits(self, input_ids, attention_mask, prompt_len=None):
         logits = super().logits(input_ids, attention_mask).clone()
         logits[..., self.a] += 1e4 * self.n_edits
         return logits

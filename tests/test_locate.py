@@ -14,7 +14,7 @@ import torch
 
 from editbench.records import EditRequest
 from editbench.runner import build_editor, run
-from editbench.scoring import encode, model_logits
+from editbench.scoring import Scorer, encode, model_logits
 from editors.lib import layer_stats
 from editors.lib.layer_stats import StatsConfig, second_moments
 from editors.lib.locate import (build_edit_rows, capture_layers, optimize_value, subject_last_token)
@@ -255,6 +255,24 @@ def test_rrome_patches_only_rows_that_retrieve(tiny_llama, stats_env):
     m1 = mask[1].bool()
     assert torch.equal(out[1][m1], base[1][m1])              # the unrelated row is untouched
     assert not torch.allclose(out[0], base[0])                # the edited fact's row is patched
+    editor.reset()
+
+
+def test_rrome_retrieval_query_is_the_prompt_without_target_tokens(tiny_llama, stats_env):
+    """Scoring and generation pass ``prompt_len``: the retriever sees prompts, never answers."""
+    editor, _ = _editor(tiny_llama, "rrome", stats_env)
+    case = toy_cases(1)[0]
+    scorer = Scorer(tiny_llama.tokenizer, exact_match=True)
+    scorer.score(editor.logits, [case], reference=True)
+    editor.edit(case.request)
+    seen: list[str] = []
+    encode_texts = editor.encoder.encode
+    editor.encoder.encode = lambda texts, *a, **k: (seen.extend(texts), encode_texts(texts, *a, **k))[1]
+    scorer.score(editor.logits, [case])
+    prompts = {case.request.prompt} | {p.prompt for _, p in case.probes("generality")} | \
+        {p.prompt for _, p in case.probes("locality")}
+    assert seen and set(seen) <= {p.strip() for p in prompts}
+    assert not any(case.request.target_new in q for q in seen)
     editor.reset()
 
 

@@ -122,7 +122,7 @@ class FailingEdits(NoEdit):
     def edit_batch(self, requests):
         raise torch.linalg.LinAlgError("singular matrix")
 
-    def logits(self, input_ids, attention_mask):
+    def logits(self, input_ids, attention_mask, prompt_len=None):
         out = super().logits(input_ids, attention_mask)
         if "Country4" in self.edited:
             for row, ids in enumerate(input_ids):
@@ -158,7 +158,7 @@ def test_edit_failed_linalg_error_and_nan_logits_fail_their_cases(tmp_path, tiny
 
 
 class NaNLogits(NoEdit):
-    def logits(self, input_ids, attention_mask):
+    def logits(self, input_ids, attention_mask, prompt_len=None):
         return super().logits(input_ids, attention_mask) * float("nan")
 
 

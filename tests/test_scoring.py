@@ -30,7 +30,7 @@ def test_encode_rejects_empty_target(tiny_llama):
 def test_batch_equals_one_by_one(tiny, side):
     model, tok = tiny.model, tiny.tokenizer
     enc = [encode(tok, p, t) for p, t in PAIRS]
-    fn = lambda ids, mask: model_logits(model, ids, mask)  # noqa: E731
+    fn = lambda ids, mask, prompt_len=None: model_logits(model, ids, mask)  # noqa: E731
     batched, timing = teacher_forced(fn, enc, tok.pad_token_id, batch_size=8, padding_side=side)
     assert timing.queries == len(enc)
     for e, b in zip(enc, batched):
@@ -43,7 +43,7 @@ def test_batch_equals_one_by_one(tiny, side):
 def test_teacher_forced_matches_manual_computation(tiny_llama):
     model, tok = tiny_llama.model, tiny_llama.tokenizer
     e = encode(tok, *PAIRS[2])
-    fn = lambda ids, mask: model_logits(model, ids, mask)  # noqa: E731
+    fn = lambda ids, mask, prompt_len=None: model_logits(model, ids, mask)  # noqa: E731
     [r], _ = teacher_forced(fn, [e], tok.pad_token_id)
     with torch.no_grad():
         logits = model(torch.tensor([e.ids])).logits[0]
@@ -57,7 +57,7 @@ def test_teacher_forced_matches_manual_computation(tiny_llama):
 def test_greedy_generate_matches_transformers_generate(tiny):
     model, tok = tiny.model, tiny.tokenizer
     prompts = [tok(p)["input_ids"] for p, _ in PAIRS]
-    fn = lambda ids, mask: model_logits(model, ids, mask)  # noqa: E731
+    fn = lambda ids, mask, prompt_len=None: model_logits(model, ids, mask)  # noqa: E731
     ours = greedy_generate(fn, prompts, [5] * len(prompts), tok.pad_token_id, batch_size=3)
     for p, mine in zip(prompts, ours):
         ref = model.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False, min_new_tokens=5,
@@ -67,7 +67,7 @@ def test_greedy_generate_matches_transformers_generate(tiny):
 
 def test_scorer_unedited_locality_is_one_and_metrics_present(tiny_llama):
     tok, model = tiny_llama.tokenizer, tiny_llama.model
-    fn = lambda ids, mask: model_logits(model, ids, mask)  # noqa: E731
+    fn = lambda ids, mask, prompt_len=None: model_logits(model, ids, mask)  # noqa: E731
     cases = toy_cases(4)
     scorer = Scorer(tok, batch_size=3, cf_metrics=True)
     ref, _ = scorer.score(fn, cases, reference=True)
@@ -82,7 +82,7 @@ def test_scorer_unedited_locality_is_one_and_metrics_present(tiny_llama):
 
 def test_scorer_without_reference_fails_loudly(tiny_llama):
     scorer = Scorer(tiny_llama.tokenizer)
-    fn = lambda ids, mask: model_logits(tiny_llama.model, ids, mask)  # noqa: E731
+    fn = lambda ids, mask, prompt_len=None: model_logits(tiny_llama.model, ids, mask)  # noqa: E731
     with pytest.raises(RuntimeError, match="no unedited locality reference"):
         scorer.score(fn, toy_cases(1))
 
@@ -92,12 +92,12 @@ def test_locality_counts_changed_positions(tiny_llama):
     tok, model = tiny_llama.tokenizer, tiny_llama.model
     case = toy_cases(1)[0]
     scorer = Scorer(tok, exact_match=False)
-    base = lambda ids, mask: model_logits(model, ids, mask)  # noqa: E731
+    base = lambda ids, mask, prompt_len=None: model_logits(model, ids, mask)  # noqa: E731
     scorer.score(base, [case], reference=True)
     probe = case.locality["neighborhood"][1]
     e = encode(tok, probe.prompt, probe.target)
 
-    def perturbed(ids, mask):
+    def perturbed(ids, mask, prompt_len=None):
         logits = base(ids, mask).clone()
         for row in range(ids.shape[0]):
             n = int(mask[row].sum())

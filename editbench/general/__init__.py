@@ -86,7 +86,7 @@ class GeneralSuite:
             queries = build_queries(name, items, self.tok, self.fmt, max_tokens,
                                     int(self.cfg.get("squad_context_tokens", 256)))
             unedited = self._unedited(name, queries, fingerprint,
-                                      lambda ids, mask: model_logits(model, ids, mask), device)
+                                      lambda ids, mask, prompt_len=None: model_logits(model, ids, mask), device)
             self.tasks.append(_Task(name, queries, chance_level(name, queries, vocab), unedited))
             log.info("general/%s: unedited %.4f (chance %.3g, n=%d, format=%s; %.1f s)", name, unedited.score,
                      self.tasks[-1].chance, len(queries), self.fmt, time.perf_counter() - t0)

@@ -207,7 +207,7 @@ def option_logits(logits_fn: LogitsFn, queries: Sequence[LetterQuery], pad_id: i
     out: list[list[float]] = [[] for _ in queries]
     for group in budget_groups([len(q.prompt_ids) for q in queries], batch_tokens, max_batch):
         ids, mask = pad_batch([queries[i].prompt_ids for i in group], pad_id, padding_side, device)
-        logits = logits_fn(ids, mask)
+        logits = logits_fn(ids, mask, prompt_len=mask.sum(-1))
         if logits.shape[:2] != ids.shape:
             raise RuntimeError(f"logits shape {tuple(logits.shape)} does not align with input {tuple(ids.shape)}")
         last = mask.sum(-1) - 1 if padding_side == "right" else torch.full_like(mask[:, 0], ids.shape[1] - 1)
