@@ -29,7 +29,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from editbench.models import load_model  # noqa: E402
 from editbench.runner import build_editor, select_cases  # noqa: E402
 from editbench.scoring import Scorer  # noqa: E402
-from editors.lib.layer_stats import second_moments  # noqa: E402
+from editors.lib.layer_stats import (corpus_id, n_texts_used, second_moments, stats_path,  # noqa: E402
+                                     weights_fingerprint)
 from editors.lib.locate import LocateParams  # noqa: E402
 
 
@@ -66,6 +67,8 @@ def main() -> None:
     ap.add_argument("--edits", type=int, default=3, help="timed edits per editor (after one warm-up edit)")
     ap.add_argument("--batch", type=int, default=10, help="MEMIT batch vs sequential size (0: skip)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--fresh-stats", action="store_true",
+                    help="delete the cached statistics of these layers first, to time their computation")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every editor (editor.x=...)")
     args = ap.parse_args()
     if args.threads:
@@ -83,10 +86,19 @@ def main() -> None:
     hp = LocateParams(mom2_dataset=any_cfg["mom2_dataset"], mom2_n_samples=any_cfg["mom2_n_samples"],
                       mom2_max_length=any_cfg["mom2_max_length"], mom2_dtype=any_cfg["mom2_dtype"],
                       mom2_batch_size=any_cfg["mom2_batch_size"])
-    _, t1 = timed(second_moments, lm.model, lm.tokenizer, lm.arch, union, hp.stats_config())
-    _, t2 = timed(second_moments, lm.model, lm.tokenizer, lm.arch, union, hp.stats_config())
-    print(f"\ncovariance statistics, layers {union}, {hp.mom2_n_samples} texts: "
-          f"first call {t1:.1f} s (computed, or loaded if an earlier run cached them), second call {t2:.2f} s")
+    scfg = hp.stats_config()
+    fp, corpus, n_texts = weights_fingerprint(lm.model), corpus_id(scfg), n_texts_used(scfg)
+    files = [stats_path(fp, lm.arch.name("mlp_out", layer), scfg, n_texts, corpus) for layer in union]
+    if args.fresh_stats:
+        for f in files:
+            f.unlink(missing_ok=True)
+    cached = sum(f.is_file() for f in files)
+    _, t1 = timed(second_moments, lm.model, lm.tokenizer, lm.arch, union, scfg)
+    _, t2 = timed(second_moments, lm.model, lm.tokenizer, lm.arch, union, scfg)
+    how = "all loaded from an earlier run's cache" if cached == len(files) else \
+        f"{len(files) - cached} layer(s) computed in one pass, {cached} loaded"
+    print(f"\ncovariance statistics, layers {union}, {n_texts} texts: first call {t1:.1f} s ({how}), "
+          f"second call {t2:.2f} s (cache)")
 
     # ---- seconds per edit
     print(f"\n{'editor':8s} {'build_s':>8s} {'s/edit':>8s} {'min':>7s} {'max':>7s}  info of the last edit")

@@ -18,6 +18,10 @@ For a batch of requests (``edit_batch``; ``edit`` is a batch of one):
 
 Shared math: ``editors/lib/locate.py``; statistics: ``editors/lib/layer_stats.py``.
 
+SmolLM2 default: ``mom2_update_weight`` 1500 instead of 15000. The fraction of a key's
+residual a layer writes is ``s / (λ + s)`` with ``s = kᵀ C⁻¹ k ≈ d_in``: 15000 suits GPT-J's
+``d_in = 16384`` but writes only ~9% per layer with SmolLM2's 1536 (docs/editors-locate.md).
+
 Deviations: the value deltas of a batch are optimised together (one forward pass per
 step for all requests); the objective, the per-request early stop and the per-request
 clamp are those of the official per-request loop, so the result is the same up to float
@@ -28,8 +32,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Sequence
-
-import torch
 
 from editbench.records import EditRequest
 from editbench.registry import register

@@ -146,7 +146,7 @@ def second_moments(model: nn.Module, tok, arch: ArchSpec, layers: Sequence[int],
         return {}
     fingerprint = weights_fingerprint(model)
     corpus = corpus_id(cfg)
-    n_texts = _n_texts(cfg)
+    n_texts = n_texts_used(cfg)
     out: dict[int, torch.Tensor] = {}
     missing = []
     for layer in layers:
@@ -169,7 +169,7 @@ def second_moments(model: nn.Module, tok, arch: ArchSpec, layers: Sequence[int],
 _N_TEXTS: dict[tuple[str, int], int] = {}
 
 
-def _n_texts(cfg: StatsConfig) -> int:
+def n_texts_used(cfg: StatsConfig) -> int:
     """How many texts the statistics will actually use (min of n_samples and corpus size)."""
     path = Path(cfg.dataset)
     if not path.is_file():
