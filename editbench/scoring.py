@@ -17,6 +17,7 @@ One definition for every editor (DESIGN.md, "Metrics"):
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -38,6 +39,77 @@ def model_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=False)
     return out.logits
+
+
+#: per model object: whether the head-only path reproduced the full logits on its first use
+_HEAD_ONLY_OK: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def model_logits_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``model_logits(...)[rows, cols]`` without computing the LM head anywhere else.
+
+    Scoring reads the logits of a few positions per sequence (the target tokens, the last
+    prompt token); the head (vocabulary x hidden) over every position costs about a fifth
+    of a small model's forward pass and a (batch x length x vocabulary) tensor. The body
+    (``model.base_model``, final norm included) runs as in :func:`model_logits`; the head is
+    applied to the selected hidden states only. On its first use for a model object the
+    result is compared with the full forward pass and the plain path is used for good if
+    they differ (an architecture with logit scaling or soft-capping, a hook on the top-level
+    module); so is any model whose top-level module carries hooks.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, "base_model", None)
+    usable = (head is not None and base is not None and base is not model and _HEAD_ONLY_OK.get(model, True)
+              and not (model._forward_hooks or model._forward_pre_hooks))
+    if not usable:
+        return model_logits(model, input_ids, attention_mask)[rows, cols]
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  use_cache=False).last_hidden_state
+    out = head(hidden[rows, cols])
+    if model not in _HEAD_ONLY_OK:
+        full = model_logits(model, input_ids, attention_mask)[rows, cols]
+        ok = full.shape == out.shape and torch.allclose(full.float(), out.float(), rtol=1e-4, atol=1e-4)
+        _HEAD_ONLY_OK[model] = bool(ok)
+        if not ok:
+            return full
+    return out
+
+
+class PlainLogits:
+    """The unedited model as a logits source (``logits`` / ``logits_at``, like an editor)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               prompt_len: torch.Tensor | None = None) -> torch.Tensor:
+        return model_logits(self.model, input_ids, attention_mask)
+
+    def logits_at(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+                  cols: torch.Tensor, prompt_len: torch.Tensor | None = None) -> torch.Tensor:
+        return model_logits_at(self.model, input_ids, attention_mask, rows, cols)
+
+
+def selector(logits_fn: LogitsFn) -> Callable[..., torch.Tensor]:
+    """``select(ids, mask, rows, cols, prompt_len) -> (N, vocab)``: the logits scoring reads.
+
+    Given an editor's bound ``logits`` (or :class:`PlainLogits`'s), this is its ``logits_at``,
+    which parameter editors compute with the head applied to those positions only; any
+    other callable is run in full and indexed.
+    """
+    owner = getattr(logits_fn, "__self__", None)
+    at = getattr(owner, "logits_at", None)
+    if at is not None and getattr(logits_fn, "__name__", "") == "logits":
+        return at
+
+    def select(ids, mask, rows, cols, prompt_len=None):
+        logits = logits_fn(ids, mask, prompt_len=prompt_len)
+        if logits.shape[:2] != ids.shape:
+            raise RuntimeError(f"logits shape {tuple(logits.shape)} does not align with input {tuple(ids.shape)}")
+        return logits[rows, cols]
+    return select
 
 
 def sync(device: torch.device | str | None = None) -> None:
@@ -163,18 +235,11 @@ def teacher_forced(logits_fn: LogitsFn, encoded: Sequence[Encoded], pad_id: int,
     """Score every encoded query by teacher forcing; results follow the input order."""
     results: list[TFResult | None] = [None] * len(encoded)
     timing = Timing()
+    select = selector(logits_fn)
     for batch in length_batches([len(e.ids) for e in encoded], batch_size):
         seqs = [encoded[i].ids for i in batch]
         ids, mask = pad_batch(seqs, pad_id, padding_side, device)
         prompt_len = torch.tensor([encoded[i].start for i in batch], device=ids.device)
-        sync(device)
-        t0 = time.perf_counter()
-        logits = logits_fn(ids, mask, prompt_len=prompt_len)
-        sync(device)
-        timing.seconds += time.perf_counter() - t0
-        timing.queries += len(batch)
-        if logits.shape[:2] != ids.shape:
-            raise RuntimeError(f"logits shape {tuple(logits.shape)} does not align with input {tuple(ids.shape)}")
         width = ids.shape[1]
         rows, cols, targets = [], [], []
         for row, i in enumerate(batch):
@@ -184,7 +249,13 @@ def teacher_forced(logits_fn: LogitsFn, encoded: Sequence[Encoded], pad_id: int,
             rows += [row] * n_t
             cols += [shift + e.start - 1 + k for k in range(n_t)]
             targets += e.target_ids
-        sel = logits[torch.tensor(rows), torch.tensor(cols)].float()
+        sync(device)
+        t0 = time.perf_counter()
+        sel = select(ids, mask, torch.tensor(rows, device=ids.device), torch.tensor(cols, device=ids.device),
+                     prompt_len=prompt_len).float()
+        sync(device)
+        timing.seconds += time.perf_counter() - t0
+        timing.queries += len(batch)
         tgt = torch.tensor(targets, device=sel.device)
         argmax = sel.argmax(-1).tolist()
         logp = torch.log_softmax(sel, -1).gather(-1, tgt[:, None])[:, 0].tolist()
@@ -209,15 +280,15 @@ def greedy_generate(logits_fn: LogitsFn, prompts: Sequence[Sequence[int]], n_new
     or an infinity at some step is added to ``nonfinite`` when it is given.
     """
     out: list[list[int]] = [[] for _ in prompts]
+    select = selector(logits_fn)
     for batch in length_batches([len(p) for p in prompts], batch_size):
         seqs = {i: list(prompts[i]) for i in batch}
         for step in range(max(n_new[i] for i in batch)):
             live = [i for i in batch if step < n_new[i]]
             ids, mask = pad_batch([seqs[i] for i in live], pad_id, "right", device)
             prompt_len = torch.tensor([len(prompts[i]) for i in live], device=ids.device)
-            logits = logits_fn(ids, mask, prompt_len=prompt_len)
             last = mask.sum(-1) - 1
-            step_logits = logits[torch.arange(len(live)), last]
+            step_logits = select(ids, mask, torch.arange(len(live), device=ids.device), last, prompt_len=prompt_len)
             nxt = step_logits.argmax(-1).tolist()
             if nonfinite is not None:
                 nonfinite.update(i for i, ok in zip(live, torch.isfinite(step_logits).all(-1).tolist()) if not ok)

@@ -20,7 +20,7 @@ from torch import nn
 
 from editbench.models import ArchSpec
 from editbench.records import EditCase, EditRequest
-from editbench.scoring import model_logits
+from editbench.scoring import model_logits, model_logits_at
 
 
 class Editor:
@@ -60,6 +60,22 @@ class Editor:
         editors build their query from those only (``editbench.scoring.prompt_token_rows``).
         """
         return model_logits(self.model, input_ids, attention_mask)
+
+    def logits_at(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+                  cols: torch.Tensor, prompt_len: torch.Tensor | None = None) -> torch.Tensor:
+        """``logits(...)[rows, cols]``: the (N, vocab) logits scoring actually reads.
+
+        Editors that keep the base ``logits`` get the head applied at those positions only
+        (``editbench.scoring.model_logits_at``); an editor that overrides ``logits`` is run
+        in full and indexed, so it needs nothing more.
+        """
+        if type(self).logits is Editor.logits:
+            return model_logits_at(self.model, input_ids, attention_mask, rows, cols)
+        logits = self.logits(input_ids, attention_mask, prompt_len=prompt_len)
+        if logits.shape[:2] != input_ids.shape:
+            raise RuntimeError(f"editor '{self.name}': logits shape {tuple(logits.shape)} does not align with "
+                               f"input {tuple(input_ids.shape)}")
+        return logits[rows, cols]
 
     def reset(self) -> None:
         """Return the model and the editor's memory to the pre-edit state."""

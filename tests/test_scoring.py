@@ -119,3 +119,27 @@ def test_pad_batch_sides():
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     ids, mask = pad_batch([[1, 2, 3], [4]], pad_id=0, side="right")
     assert ids.tolist() == [[1, 2, 3], [4, 0, 0]]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gptj"])
+def test_head_only_logits_equal_the_full_forward_pass_at_the_read_positions(fixture, request):
+    """Scoring reads a few positions; computing the head there alone changes no number."""
+    from editbench.scoring import PlainLogits, model_logits_at
+
+    lm = request.getfixturevalue(fixture)
+    cases = toy_cases(3)
+    ids, mask = pad_batch([encode(lm.tokenizer, c.request.prompt, c.request.target_new).ids for c in cases],
+                          lm.tokenizer.eos_token_id, "left")
+    rows, cols = torch.tensor([0, 1, 2, 2]), torch.tensor([ids.shape[1] - 1, 3, 2, ids.shape[1] - 1])
+    with torch.no_grad():
+        full = model_logits(lm.model, ids, mask)[rows, cols]
+        fast = model_logits_at(lm.model, ids, mask, rows, cols)
+    assert torch.allclose(full, fast, rtol=1e-5, atol=1e-5)
+    plain = lambda i, m, prompt_len=None: model_logits(lm.model, i, m)  # noqa: E731
+    for side in ("left", "right"):
+        a = Scorer(lm.tokenizer, padding_side=side)
+        b = Scorer(lm.tokenizer, padding_side=side)
+        a.score(plain, cases, reference=True)
+        b.score(PlainLogits(lm.model).logits, cases, reference=True)
+        assert a.score(plain, cases)[0] == b.score(PlainLogits(lm.model).logits, cases)[0]
+        assert a.locality_reference == b.locality_reference

@@ -32,7 +32,7 @@ import torch
 from editbench.general.data import TASKS, load_items, select
 from editbench.general.tasks import ContinuationQuery, Query, TaskScore, build_queries, chance_level, score_queries
 from editbench.models import cache_dir, model_fingerprint
-from editbench.scoring import LogitsFn, model_logits
+from editbench.scoring import LogitsFn, PlainLogits
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class GeneralSuite:
             queries = build_queries(name, items, self.tok, self.fmt, max_tokens,
                                     int(self.cfg.get("squad_context_tokens", 256)))
             unedited = self._unedited(name, queries, fingerprint,
-                                      lambda ids, mask, prompt_len=None: model_logits(model, ids, mask), device)
+                                      PlainLogits(model).logits, device)
             self.tasks.append(_Task(name, queries, chance_level(name, queries, vocab), unedited))
             log.info("general/%s: unedited %.4f (chance %.3g, n=%d, format=%s; %.1f s)", name, unedited.score,
                      self.tasks[-1].chance, len(queries), self.fmt, time.perf_counter() - t0)

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import torch
 
 from editbench.general.data import ANLI_LABELS, MCItem, NLIItem, QAItem
-from editbench.scoring import Encoded, LogitsFn, encode, pad_batch, teacher_forced
+from editbench.scoring import Encoded, LogitsFn, encode, pad_batch, selector, teacher_forced
 
 LETTERS = "ABCDEFGHIJ"
 MC_INSTRUCTION = "Please select the correct answer for the following questions:\n"
@@ -205,14 +205,13 @@ def option_logits(logits_fn: LogitsFn, queries: Sequence[LetterQuery], pad_id: i
     forward pass serves every option of a question.)
     """
     out: list[list[float]] = [[] for _ in queries]
+    select = selector(logits_fn)
     for group in budget_groups([len(q.prompt_ids) for q in queries], batch_tokens, max_batch):
         ids, mask = pad_batch([queries[i].prompt_ids for i in group], pad_id, padding_side, device)
-        logits = logits_fn(ids, mask, prompt_len=mask.sum(-1))
-        if logits.shape[:2] != ids.shape:
-            raise RuntimeError(f"logits shape {tuple(logits.shape)} does not align with input {tuple(ids.shape)}")
         last = mask.sum(-1) - 1 if padding_side == "right" else torch.full_like(mask[:, 0], ids.shape[1] - 1)
+        logits = select(ids, mask, torch.arange(len(group), device=ids.device), last, prompt_len=mask.sum(-1))
         for row, i in enumerate(group):
-            out[i] = logits[row, int(last[row]), list(queries[i].option_ids)].float().tolist()
+            out[i] = logits[row, list(queries[i].option_ids)].float().tolist()
     return out
 
 
