@@ -459,8 +459,13 @@ def _run_chunks(cfg: DictConfig, cls: type, run: results.RunDir, todo: list, lm:
     check_cases([c for _, _, chunk in todo for c in chunk], scorer, max_positions(lm.model))
     run.write_env(str(lm.model.device if hasattr(lm.model, "device") else "cpu"))
     editor = build_editor(cfg, lm)
-    if cls.needs_training:
-        editor.fit(_train_cases(cfg))
+    if editor.needs_training:  # the instance decides: LTE trains only with editor.align=true
+        from editbench.train import ensure_trained, uses_pipeline
+
+        if uses_pipeline(editor):
+            ensure_trained(cfg, lm, editor)   # cached checkpoint, or train / resume (editbench/train.py)
+        else:
+            editor.fit(_train_cases(cfg))     # editors that only build a memory from the data (T-Patcher)
     lm.model.eval()
     ctx = Context(cfg, lm, editor, scorer, WeightGuard(lm.model), run, after_edit_hooks={})
     if cfg.runner.get("curve"):

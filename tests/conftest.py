@@ -1,6 +1,7 @@
 """Shared fixtures: composed configs, tiny random models (seconds), the real SmolLM2 (marked)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,13 @@ def toy_cases(n: int = 6) -> list[EditCase]:
                      locality={"neighborhood": [Probe(f"The capital of Germany is number {i}", "Berlin"),
                                                 Probe(f"Water boils at {i}", "one hundred degrees")]})
             for i in range(n)]
+
+
+def write_train_file(path: Path, n: int = 24) -> Path:
+    """A small CounterFact-format train split (flat RECIPE schema)."""
+    recs = [{"case_id": i, "prompt": f"The capital of Country{i} is", "subject": f"Country{i}",
+             "target_new": f"City{i}", "ground_truth": "Paris", "rephrase_prompt": f"Country{i}'s capital city is",
+             "locality_prompt": f"The capital of Germany number {i} is", "locality_ground_truth": "Berlin"}
+            for i in range(n)]
+    path.write_text(json.dumps(recs))
+    return path

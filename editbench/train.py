@@ -1,0 +1,562 @@
+"""The one training loop for editors that learn (LTE, RECIPE; MEND, MALMEN, DAFNet later).
+
+An editor with ``needs_training`` supplies only what is specific to its method
+(``trainable()``, ``training_loss(batch)``, ``validation_metrics(cases)``,
+``trained_state()`` / ``load_trained_state()``, see editors/base.py). Everything else lives
+here, once: the data split and order, the optimiser, validation, checkpoints, the cache.
+docs/training.md is the user-facing description.
+
+* Settings: ``editor.train.*`` (:data:`TRAIN_DEFAULTS` below, overridable per editor
+  config and on the command line; an unknown key is an error naming the valid ones).
+* Data: the train split ``data.train_path`` (``runner._train_cases``), shuffled with
+  ``seed``; the first ``n_val`` cases are held out for validation. The batch of step ``s``
+  is a slice of the seeded permutation of its epoch, so it depends on (seed, step) only;
+  before each step the global RNGs (torch, random, numpy) are seeded from (seed, step), so
+  the editor's own random choices (a sampled data recipe, dropout) are also a function of
+  the step. A resumed run therefore sees exactly the batches and draws of an
+  uninterrupted one and ends with the same trained state.
+* Optimiser: AdamW over the parameters of ``editor.trainable()`` that require grad; the
+  LLM's own weights are never handed to it (checked), and are verified bit-identical after
+  training. Learning rate: constant or cosine, with linear warm-up.
+* Cache: ``cache_dir("trained", <editor>, <key>)``; the key hashes the editor config (minus
+  the keys the editor class lists in ``inference_only`` and the train settings that do not
+  change the weights: ``progress``, ``val_every``, ``ckpt_every``), the model fingerprint,
+  the train data kind and a content hash of the train file(s), and the seed. The folder
+  holds ``final.safetensors`` (the trained state; JSON meta), ``partial.safetensors``
+  (trained state + optimiser state + step + history, every ``ckpt_every`` steps, written
+  atomically; removed once the final checkpoint exists), ``history.csv`` and ``loss.png``.
+  A ``.lock`` (flock) makes a second process wait for the first instead of training twice.
+* ``ensure_trained(cfg, lm, editor)`` loads the final checkpoint when it exists (no
+  training step), else trains, resuming from the partial checkpoint when there is one.
+  A corrupt or mismatched checkpoint is a :class:`~editbench.checkpoints.CheckpointError`
+  naming the file.
+
+Command line (same Hydra config as ``python -m editbench``)::
+
+    python -m editbench.train editor=lte model=smollm2 data=cf editor.align=true
+
+trains (or finds the cached checkpoint) and prints its path. Exit status 2 for bad
+configuration, 130/143 when interrupted (rerun the same command to resume).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from editbench.checkpoints import CheckpointError, checkpoint_key, load_checkpoint, save_checkpoint
+from editbench.models import cache_dir, model_fingerprint
+from editbench.records import EditCase
+
+log = logging.getLogger(__name__)
+
+#: defaults of ``editor.train.*``; an editor config overrides any of them under ``train:``
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "steps": 1000,            # optimiser steps
+    "batch_size": 8,          # training cases per step
+    "lr": 1e-4,
+    "lr_schedule": "constant",  # constant | cosine (to 0 at the last step)
+    "warmup_steps": 0,        # linear warm-up from 0 over the first steps
+    "weight_decay": 0.0,
+    "grad_clip": 1.0,         # max global grad norm; null: no clipping
+    "n_val": 64,              # held-out train cases for validation (0: none)
+    "val_every": 100,         # validate every N steps and after the last one (0: never)
+    "ckpt_every": 50,         # write partial.safetensors every N steps
+    "seed": 0,
+    "progress": True,         # tqdm bar with the loss in its postfix
+}
+#: train settings that do not change the trained weights: left out of the cache key
+NOT_IN_KEY = ("progress", "val_every", "ckpt_every")
+FINAL = "final.safetensors"
+PARTIAL = "partial.safetensors"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int
+    batch_size: int
+    lr: float
+    lr_schedule: str
+    warmup_steps: int
+    weight_decay: float
+    grad_clip: float | None
+    n_val: int
+    val_every: int
+    ckpt_every: int
+    seed: int
+    progress: bool
+
+    def __post_init__(self):
+        problems = []
+        if self.steps < 1:
+            problems.append(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            problems.append(f"lr_schedule must be constant or cosine, got '{self.lr_schedule}'")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            problems.append(f"grad_clip must be > 0 or null, got {self.grad_clip}")
+        if self.n_val < 0 or self.val_every < 0:
+            problems.append(f"n_val and val_every must be >= 0, got {self.n_val} and {self.val_every}")
+        if self.ckpt_every < 1:
+            problems.append(f"ckpt_every must be >= 1, got {self.ckpt_every}")
+        if problems:
+            raise ValueError("editor.train: " + "; ".join(problems))
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimiser step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.lr_schedule == "cosine":
+            span = max(1, self.steps - self.warmup_steps)
+            return self.lr * 0.5 * (1 + math.cos(math.pi * (step - self.warmup_steps) / span))
+        return self.lr
+
+
+def train_settings(editor) -> TrainSettings:
+    """The editor's ``train:`` mapping over :data:`TRAIN_DEFAULTS`; unknown keys are an error."""
+    given = dict(editor.cfg.get("train") or {})
+    unknown = sorted(set(given) - set(TRAIN_DEFAULTS))
+    if unknown:
+        raise ValueError(f"editor '{editor.name}': unknown train setting(s) {unknown}; valid: {sorted(TRAIN_DEFAULTS)}")
+    merged = {**TRAIN_DEFAULTS, **given}
+    try:
+        return TrainSettings(
+            steps=int(merged["steps"]), batch_size=int(merged["batch_size"]), lr=float(merged["lr"]),
+            lr_schedule=str(merged["lr_schedule"]), warmup_steps=int(merged["warmup_steps"]),
+            weight_decay=float(merged["weight_decay"]),
+            grad_clip=None if merged["grad_clip"] is None else float(merged["grad_clip"]),
+            n_val=int(merged["n_val"]), val_every=int(merged["val_every"]), ckpt_every=int(merged["ckpt_every"]),
+            seed=int(merged["seed"]), progress=bool(merged["progress"]))
+    except (TypeError, ValueError) as err:
+        if str(err).startswith("editor.train"):
+            raise ValueError(f"editor '{editor.name}': {err}") from None
+        raise ValueError(f"editor '{editor.name}': bad train setting ({err})") from None
+
+
+def uses_pipeline(editor) -> bool:
+    """True for editors trained by gradient steps here (they implement ``trainable``);
+    False for editors whose ``fit`` only builds something from the data (T-Patcher's memory)."""
+    from editors.base import Editor
+
+    return type(editor).trainable is not Editor.trainable
+
+
+# --------------------------------------------------------------------------- cache key
+def data_fingerprint(path: str | os.PathLike) -> str:
+    """A content hash of a train file, or of every file under a train folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"train data {path} not found (data.train_path)")
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def keyed_config(editor) -> dict[str, Any]:
+    """The editor config as the cache key sees it: without inference-only keys and without
+    the train settings that do not change the trained weights."""
+    drop = set(getattr(type(editor), "inference_only", ()) or ())
+    out = {k: v for k, v in editor.cfg.items() if k not in drop and not str(k).startswith("_")}
+    out["train"] = {k: v for k, v in {**TRAIN_DEFAULTS, **dict(editor.cfg.get("train") or {})}.items()
+                    if k not in NOT_IN_KEY}
+    return out
+
+
+def train_key(cfg, editor, settings: TrainSettings) -> tuple[str, dict[str, Any]]:
+    """(cache key, the JSON-able parts it hashes)."""
+    train_path = cfg.data.get("train_path")
+    if not train_path:
+        raise ValueError(f"editor '{editor.name}' needs training data: set data.train_path")
+    parts = {"editor": editor.name, "config": keyed_config(editor), "model": model_fingerprint(cfg.model),
+             "data_kind": str(cfg.data.get("train_kind") or cfg.data.kind),
+             "data": data_fingerprint(train_path), "seed": settings.seed}
+    return checkpoint_key(parts), parts
+
+
+def trained_dir(editor_name: str, key: str) -> Path:
+    return cache_dir("trained", editor_name, key)
+
+
+# --------------------------------------------------------------------------- data order
+def split_cases(cases: Sequence[EditCase], n_val: int, seed: int) -> tuple[list[EditCase], list[EditCase]]:
+    """(train, validation): the seeded shuffle of ``cases``, the first ``n_val`` held out."""
+    order = list(range(len(cases)))
+    random.Random(seed).shuffle(order)
+    val = [cases[i] for i in order[:n_val]]
+    train = [cases[i] for i in order[n_val:]]
+    return train, val
+
+
+def _derived_seed(*parts: Any) -> int:
+    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:8], 16)
+
+
+def batch_indices(seed: int, step: int, batch_size: int, n: int) -> list[int]:
+    """Indices into the train cases for optimiser step ``step`` (0-based).
+
+    Steps walk through one seeded permutation per epoch; the permutation of epoch e
+    depends on (seed, e) only, so any step's batch can be recomputed without the others.
+    """
+    out = []
+    start = step * batch_size
+    for pos in range(start, start + batch_size):
+        epoch, within = divmod(pos, n)
+        g = torch.Generator().manual_seed(_derived_seed(seed, "epoch", epoch))
+        out.append(int(torch.randperm(n, generator=g)[within]))
+    return out
+
+
+def seed_step(seed: int, step: int) -> None:
+    """Seed torch, random and numpy from (seed, step) before an optimiser step."""
+    s = _derived_seed(seed, "step", step)
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """AdamW state as flat tensors (``optim.<param index>.<name>``) and JSON meta."""
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(value)
+            tensors[f"optim.{idx}.{name}"] = value
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "n_params": sum(len(g["params"]) for g in sd["param_groups"])}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
+                    path: Path) -> None:
+    sd = opt.state_dict()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if meta.get("n_params") != len(params):
+        raise CheckpointError(f"{path}: optimiser state for {meta.get('n_params')} parameter tensors, the editor "
+                              f"trains {len(params)}; delete it to retrain")
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = t
+    for idx, st in state.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st and st[key].shape != params[idx].shape:
+                raise CheckpointError(f"{path}: optimiser state '{key}' of parameter {idx} has shape "
+                                      f"{tuple(st[key].shape)}, the parameter {tuple(params[idx].shape)}; "
+                                      "delete it to retrain")
+    groups = []
+    for g, saved in zip(sd["param_groups"], meta["param_groups"]):
+        groups.append({**saved, "params": g["params"]})
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _load_state(editor, tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    try:
+        editor.load_trained_state(tensors)
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise CheckpointError(f"{path}: does not fit editor '{editor.name}' as configured ({err}); "
+                              "delete it to retrain") from None
+
+
+def load_final(path: Path, editor, key: str) -> dict[str, Any]:
+    """Load a final checkpoint into the editor; return its meta."""
+    tensors, meta = load_checkpoint(path, expect_meta={"key": key, "kind": "final"})
+    _load_state(editor, tensors, path)
+    return meta
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """Exclusive (blocking) lock of a trained folder: a second process waits for the first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(folder / ".lock", "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is training into %s; waiting for it", folder)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as err:
+            log.warning("cannot lock %s (%s); not guarding against a second process", folder, err)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- the loop
+def ensure_trained(cfg, lm, editor) -> Path:
+    """Make ``editor`` trained: load the cached final checkpoint, or train (resuming from the
+    newest partial checkpoint). Returns the final checkpoint's path."""
+    if not uses_pipeline(editor):
+        raise ValueError(f"editor '{editor.name}' has no trainable() and is not trained by editbench.train")
+    settings = train_settings(editor)
+    key, parts = train_key(cfg, editor, settings)
+    folder = trained_dir(editor.name, key)
+    final = folder / FINAL
+    with _folder_lock(folder):
+        if final.is_file():
+            meta = load_final(final, editor, key)
+            log.info("editor '%s': loaded the trained state from %s (%s steps)", editor.name, final, meta.get("steps"))
+            return final
+        from editbench.runner import _train_cases
+
+        cases = _train_cases(cfg)
+        train(editor, lm.model, cases, settings, folder, key, parts)
+    return final
+
+
+def train(editor, model: nn.Module, cases: Sequence[EditCase], settings: TrainSettings, folder: Path, key: str,
+          key_parts: Mapping[str, Any] | None = None) -> Path:
+    """Train ``editor`` on ``cases`` into ``folder`` (resuming from its partial checkpoint)."""
+    train_cases, val_cases = split_cases(cases, settings.n_val, settings.seed)
+    if not train_cases:
+        raise ValueError(f"editor '{editor.name}': no training cases left after holding out n_val={settings.n_val} "
+                         f"of {len(cases)}")
+    trainable = editor.trainable()
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"editor '{editor.name}': trainable() has no parameter that requires grad")
+    model_params = {id(p): n for n, p in model.named_parameters()}
+    leaked = [model_params[id(p)] for p in params if id(p) in model_params]
+    if leaked:
+        raise ValueError(f"editor '{editor.name}': trainable() would train the model's own weights {leaked[:3]}; "
+                         "the LLM must stay frozen")
+    before = _weights_digest(model)
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    partial = folder / PARTIAL
+    start, history = 0, []
+    if partial.is_file():
+        start, history = _load_partial(partial, editor, opt, key)
+        log.info("editor '%s': resuming training from step %d (%s)", editor.name, start, partial)
+    prepare = getattr(editor, "prepare_training", None)
+    if prepare is not None:
+        prepare(train_cases)
+    elapsed = history[-1]["seconds"] if history else 0.0
+    t0 = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc=f"train {editor.name}",
+               disable=not settings.progress)
+    trainable.train()
+    try:
+        for step in bar:
+            batch = [train_cases[i] for i in batch_indices(settings.seed, step, settings.batch_size, len(train_cases))]
+            seed_step(settings.seed, step)
+            lr = settings.lr_at(step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss, loss_parts = editor.training_loss(batch)
+            if not bool(torch.isfinite(loss.detach())):
+                raise FloatingPointError(f"editor '{editor.name}': training loss is {float(loss)} at step {step + 1} "
+                                         f"(parts {loss_parts}); lower editor.train.lr or check the data")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = (float(torch.nn.utils.clip_grad_norm_(params, settings.grad_clip))
+                         if settings.grad_clip is not None else None)
+            opt.step()
+            done = step + 1
+            row: dict[str, Any] = {"step": done, "loss": float(loss.detach()),
+                                   **{f"train/{k}": float(v) for k, v in loss_parts.items()},
+                                   "lr": lr, "grad_norm": grad_norm}
+            if val_cases and settings.val_every and (done % settings.val_every == 0 or done == settings.steps):
+                row.update({f"val/{k}": float(v) for k, v in validate(editor, trainable, val_cases).items()})
+            row["seconds"] = elapsed + time.perf_counter() - t0
+            history.append({k: _finite_or_none(v) for k, v in row.items()})
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if done % settings.ckpt_every == 0 and done < settings.steps:
+                _save_partial(partial, editor, opt, key, done, history)
+                write_history(folder, history)
+    finally:
+        trainable.eval()
+    if _weights_digest(model) != before:
+        raise RuntimeError(f"editor '{editor.name}': the model's own weights changed during training; "
+                           "trainable() must not expose them")
+    final = folder / FINAL
+    meta = {"kind": "final", "key": key, "editor": editor.name, "steps": settings.steps,
+            "settings": dataclasses.asdict(settings), "key_parts": dict(key_parts or {}),
+            "final_loss": history[-1]["loss"] if history else None,
+            "val": {k: v for k, v in (history[-1] if history else {}).items() if k.startswith("val/")},
+            "seconds": history[-1]["seconds"] if history else 0.0}
+    save_checkpoint(final, editor.trained_state(), json.loads(json.dumps(meta, default=str)))
+    write_history(folder, history)
+    if partial.is_file():
+        partial.unlink()
+    log.info("editor '%s': trained %d steps in %.0f s -> %s", editor.name, settings.steps, meta["seconds"], final)
+    return final
+
+
+def validate(editor, trainable: nn.Module, cases: Sequence[EditCase]) -> dict[str, float]:
+    """``editor.validation_metrics`` in eval mode, without gradients, and without touching
+    the RNG streams of training (so validating does not change what is trained)."""
+    trainable.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            state = random.getstate(), np.random.get_state()
+            try:
+                return dict(editor.validation_metrics(cases))
+            finally:
+                random.setstate(state[0])
+                np.random.set_state(state[1])
+    finally:
+        trainable.train()
+
+
+def _save_partial(path: Path, editor, opt, key: str, step: int, history: list[dict[str, Any]]) -> None:
+    tensors = {f"state.{n}": t for n, t in editor.trained_state().items()}
+    opt_tensors, opt_meta = _optimizer_tensors(opt)
+    tensors.update(opt_tensors)
+    save_checkpoint(path, tensors, {"kind": "partial", "key": key, "step": step, "history": history,
+                                    "optimizer": opt_meta})
+
+
+def _load_partial(path: Path, editor, opt, key: str) -> tuple[int, list[dict[str, Any]]]:
+    tensors, meta = load_checkpoint(path, expect_meta={"key": key, "kind": "partial"})
+    state = {n[len("state."):]: t for n, t in tensors.items() if n.startswith("state.")}
+    _load_state(editor, state, path)
+    try:
+        _load_optimizer(opt, {n: t for n, t in tensors.items() if n.startswith("optim.")}, meta["optimizer"], path)
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: optimiser state does not fit ({err}); delete it to retrain") from None
+    return int(meta["step"]), list(meta.get("history") or [])
+
+
+def _finite_or_none(v: Any) -> Any:
+    """History rows go into JSON (checkpoint meta): NaN/Inf become None."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _weights_digest(model: nn.Module) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- history
+def write_history(folder: Path, history: list[dict[str, Any]]) -> None:
+    """``history.csv`` (one row per step) and ``loss.png`` (loss curves, validation figures)."""
+    import pandas as pd
+
+    from editbench.results import atomic_write_text
+
+    if not history:
+        return
+    df = pd.DataFrame(history)
+    first = ["step", "loss"]
+    cols = first + sorted(c for c in df.columns if c.startswith("train/")) + \
+        sorted(c for c in df.columns if c.startswith("val/")) + \
+        [c for c in ("lr", "grad_norm", "seconds") if c in df.columns]
+    atomic_write_text(folder / "history.csv", df[cols].to_csv(index=False))
+    try:
+        _plot_history(df, folder / "loss.png")
+    except Exception as err:  # noqa: BLE001 - a plot must never fail a training
+        log.warning("could not draw %s: %s", folder / "loss.png", err)
+
+
+def _plot_history(df, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    val_cols = [c for c in df.columns if c.startswith("val/")]
+    fig, axes = plt.subplots(1, 2 if val_cols else 1, figsize=(11 if val_cols else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    window = max(1, len(df) // 50)
+    for col in ["loss"] + sorted(c for c in df.columns if c.startswith("train/")):
+        ax.plot(df["step"], df[col].rolling(window, min_periods=1).mean(), label=col)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"training loss (running mean of {window})")
+    ax.legend(fontsize=8)
+    if val_cols:
+        ax = axes[0][1]
+        for col in val_cols:
+            sub = df[["step", col]].dropna()
+            ax.plot(sub["step"], sub[col], marker="o", label=col)
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
+
+
+# --------------------------------------------------------------------------- command line
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """``python -m editbench.train editor=<name> model=<m> data=<d> [overrides]``."""
+    import signal
+    import sys
+
+    from editbench.__main__ import Terminated, _on_sigterm
+    from editbench.models import load_model
+    from editbench.records import DataError
+    from editbench.runner import build_editor, check_compatible
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        check_compatible(cfg)
+        lm = load_model(cfg.model)
+        editor = build_editor(cfg, lm)
+        if not editor.needs_training or not uses_pipeline(editor):
+            raise ValueError(f"editor '{cfg.editor.name}' needs no training with this configuration")
+        path = ensure_trained(cfg, lm, editor)
+    except (DataError, ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError
+        log.error("%s", err)
+        sys.exit(2)
+    except KeyboardInterrupt as err:
+        which = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
+        log.error("stopped by %s; rerun the same command to resume from the last checkpoint", which)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(143 if isinstance(err, Terminated) else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(f"trained: {path}")
+
+
+if __name__ == "__main__":
+    main()
