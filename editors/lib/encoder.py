@@ -14,9 +14,17 @@ cosine similarity). Names:
 
 ``pooling`` is ``mean`` (masked mean of the last hidden states), ``cls`` (first token) or
 ``pooler`` (the model's pooler output).
+
+Trainable path (RECIPE fine-tunes its encoder): ``SentenceEncoder(..., trainable=True)`` keeps
+the encoder's weights trainable; :meth:`SentenceEncoder.token_states` returns the token states
+of texts with gradients (when grad mode is on), :meth:`SentenceEncoder.vector_states` runs the
+encoder's layer stack on given vectors (learned pseudo-tokens, no embedding layer), and
+:func:`pool_states` concatenates any of ``pooler cls mean max min`` poolings of either.
+``encode`` is unchanged: no gradients, one normalised vector per text.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -48,7 +56,7 @@ class SentenceEncoder:
     """Texts -> L2-normalised embeddings (``encode``), in batches, without gradients."""
 
     def __init__(self, name: str = "minilm", pooling: str = "mean", max_length: int = 128,
-                 device: torch.device | str | None = None, normalize: bool = True):
+                 device: torch.device | str | None = None, normalize: bool = True, trainable: bool = False):
         from transformers import AutoModel, AutoTokenizer
 
         if pooling not in ("mean", "cls", "pooler"):
@@ -61,7 +69,7 @@ class SentenceEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = AutoModel.from_pretrained(self.path).eval()
         for p in self.model.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(trainable)
         if device is not None:
             self.model.to(device)
 
@@ -95,3 +103,64 @@ class SentenceEncoder:
                 emb = torch.nn.functional.normalize(emb, dim=-1)
             out.append(emb)
         return torch.cat(out)
+
+    # ------------------------------------------------------------------ trainable path
+    def token_states(self, texts: Sequence[str]) -> "TokenStates":
+        """Last hidden states of ``texts`` (one padded batch). Gradients flow to the encoder's
+        weights when grad mode is on and they require grad."""
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt").to(self.device)
+        res = self.model(**enc)
+        return TokenStates(res.last_hidden_state, enc["attention_mask"], getattr(res, "pooler_output", None))
+
+    def vector_states(self, vectors: torch.Tensor) -> "TokenStates":
+        """Run the encoder's layer stack (and pooler) on ``vectors`` (n, L, dim) used directly as
+        the first layer's input, bypassing the token embedding layer (BERT-family encoders:
+        BERT/MiniLM, RoBERTa)."""
+        stack = getattr(self.model, "encoder", None)
+        if stack is None:
+            raise ValueError(f"encoder '{self.name}' ({type(self.model).__name__}) has no layer stack "
+                             "'.encoder' to run vectors through")
+        hidden = stack(vectors).last_hidden_state
+        pooler = getattr(self.model, "pooler", None)
+        mask = torch.ones(vectors.shape[:2], dtype=torch.long, device=vectors.device)
+        return TokenStates(hidden, mask, pooler(hidden) if pooler is not None else None)
+
+
+@dataclass
+class TokenStates:
+    """An encoder's output for a padded batch: hidden (n, L, d), mask (n, L), pooler (n, d) or None."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    pooler: torch.Tensor | None = None
+
+
+POOLINGS = ("pooler", "cls", "mean", "max", "min")
+
+
+def pool_states(states: TokenStates, kinds: Sequence[str]) -> torch.Tensor:
+    """(n, d * len(kinds)): the named poolings of the real (unmasked) token states, concatenated.
+
+    ``pooler`` is the model's pooler output (BERT: tanh(W h_cls)), ``cls`` the first token's
+    state, ``mean``/``max``/``min`` over the real tokens.
+    """
+    h = states.hidden
+    m = states.mask.unsqueeze(-1).to(h.dtype)
+    out = []
+    for kind in kinds:
+        if kind == "pooler":
+            if states.pooler is None:
+                raise ValueError("pooling 'pooler' needs an encoder with a pooler layer")
+            out.append(states.pooler)
+        elif kind == "cls":
+            out.append(h[:, 0])
+        elif kind == "mean":
+            out.append((h * m).sum(1) / m.sum(1).clamp(min=1e-9))
+        elif kind == "max":
+            out.append(h.masked_fill(m == 0, float("-inf")).amax(1))
+        elif kind == "min":
+            out.append(h.masked_fill(m == 0, float("inf")).amin(1))
+        else:
+            raise ValueError(f"unknown pooling '{kind}'; valid: {', '.join(POOLINGS)}")
+    return torch.cat(out, -1)
