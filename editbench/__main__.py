@@ -33,6 +33,18 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+def stop_now(err: KeyboardInterrupt, what: str) -> None:
+    """Log why the process stops (SIGINT or SIGTERM, then ``what``) and exit at once with
+    130 / 143. Every file is closed and written atomically by then; the interpreter's slow
+    teardown (seconds with torch loaded) is skipped so that the process really stops promptly."""
+    which = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
+    log.error("stopped by %s; %s", which, what)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(143 if isinstance(err, Terminated) else 130)
+
+
 def _in_multirun() -> bool:
     """True inside a job of a ``-m`` sweep: there an error must fail the job, not exit the
     process (which would stop the basic launcher's remaining jobs)."""
@@ -62,14 +74,7 @@ def main(cfg: DictConfig) -> None:
             raise RuntimeError(" ".join([str(err), *getattr(err, "__notes__", [])])) from None
         sys.exit(3)
     except KeyboardInterrupt as err:
-        which = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
-        log.error("stopped by %s; finished chunks are kept, rerun the same command to resume", which)
-        # Every file is closed and written atomically by now; skip the interpreter's slow
-        # teardown (seconds with torch loaded) so that the process really stops promptly.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(143 if isinstance(err, Terminated) else 130)
+        stop_now(err, "finished chunks are kept, rerun the same command to resume")
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(f"results: {path}")

@@ -530,7 +530,7 @@ def main(cfg: DictConfig) -> None:
     import signal
     import sys
 
-    from editbench.__main__ import Terminated, _on_sigterm
+    from editbench.__main__ import _on_sigterm, stop_now
     from editbench.models import load_model
     from editbench.records import DataError
     from editbench.runner import build_editor, check_compatible
@@ -547,12 +547,7 @@ def main(cfg: DictConfig) -> None:
         log.error("%s", err)
         sys.exit(2)
     except KeyboardInterrupt as err:
-        which = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
-        log.error("stopped by %s; rerun the same command to resume from the last checkpoint", which)
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(143 if isinstance(err, Terminated) else 130)
+        stop_now(err, "rerun the same command to resume from the last checkpoint")
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(f"trained: {path}")

@@ -5,9 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
-from editbench.models import load_model
+from editbench.models import cache_dir, load_model
+from editbench.scoring import encode, model_logits
 from editbench.records import EditCase, EditRequest, Probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,3 +70,25 @@ def write_train_file(path: Path, n: int = 24) -> Path:
             for i in range(n)]
     path.write_text(json.dumps(recs))
     return path
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """An empty EDITBENCH_CACHE for this test that shares the dequantized model folder."""
+    models = cache_dir("models")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    if models.is_dir():
+        (cache / "models").symlink_to(models)
+    monkeypatch.setenv("EDITBENCH_CACHE", str(cache))
+    return cache
+
+
+def target_nll(model, tok, prompt: str, target: str) -> float:
+    """Mean NLL of ``target``'s tokens after ``prompt`` under ``model`` (teacher forcing)."""
+    e = encode(tok, prompt, target)
+    ids = torch.tensor([e.ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model_logits(model, ids, torch.ones_like(ids))[0].float(), -1)
+    cols = torch.arange(e.start - 1, len(e.ids) - 1)
+    return -logp[cols, torch.tensor(e.target_ids)].mean().item()

@@ -10,14 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from editbench.models import cache_dir
 from editbench.records import EditRequest
 from editbench.runner import build_editor, run
-from editbench.scoring import encode, model_logits
 from editbench.train import FINAL, ensure_trained, train_key, train_settings
 from editors.dafnet import SEQ_N, update_scales
-from tests.conftest import compose_cfg, toy_cases
-from tests.conftest import write_train_file
+from tests.conftest import compose_cfg, target_nll, toy_cases, write_train_file
 
 
 def _editor(lm, *overrides):
@@ -56,15 +53,6 @@ def _train(editor, cases, steps, lr=1e-3, seed=None):
         losses.append(float(loss.detach()))
     editor.trainable().eval()
     return losses
-
-
-def _target_nll(model, tok, prompt, target):
-    e = encode(tok, prompt, target)
-    ids = torch.tensor([e.ids])
-    with torch.no_grad():
-        logp = torch.log_softmax(model_logits(model, ids, torch.ones_like(ids))[0].float(), -1)
-    cols = torch.arange(e.start - 1, len(e.ids) - 1)
-    return -logp[cols, torch.tensor(e.target_ids)].mean().item()
 
 
 # --------------------------------------------------------------------------- training
@@ -146,14 +134,14 @@ def test_edit_after_training_raises_the_target_probability_and_reset_is_exact(ti
     model, tok = tiny.model, tiny.tokenizer
     state, structure = _state(model), _structure(model)
     reqs = [c.request for c in toy_cases(2)]
-    before = [_target_nll(model, tok, r.prompt, r.target_new) for r in reqs]
+    before = [target_nll(model, tok, r.prompt, r.target_new) for r in reqs]
     info = editor.edit(reqs[0])
     assert info["shift_norm"] > 0 and info["past_scale"] == 0.0
-    assert _target_nll(model, tok, reqs[0].prompt, reqs[0].target_new) < before[0] - 1e-3
+    assert target_nll(model, tok, reqs[0].prompt, reqs[0].target_new) < before[0] - 1e-3
     assert sorted(editor.touched_parameters()) == sorted(m.weight for m in editor.modules)
     info = editor.edit(reqs[1])                      # lifelong: the first edit's shift is rescaled
     assert 0 < info["past_scale"] < 1 and editor.stats()["edits_remembered"] == 2
-    assert _target_nll(model, tok, reqs[1].prompt, reqs[1].target_new) < before[1] - 1e-3
+    assert target_nll(model, tok, reqs[1].prompt, reqs[1].target_new) < before[1] - 1e-3
     editor.reset()
     _assert_untouched(model, state, structure)
     assert editor.touched_parameters() == [] and editor.stats()["edits_remembered"] == 0
@@ -224,17 +212,6 @@ def test_official_configs_compose():
 
 
 # --------------------------------------------------------------------------- pipeline
-@pytest.fixture
-def private_cache(tmp_path, monkeypatch):
-    models = cache_dir("models")
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    if models.is_dir():
-        (cache / "models").symlink_to(models)
-    monkeypatch.setenv("EDITBENCH_CACHE", str(cache))
-    return cache
-
-
 def test_pipeline_trains_then_reuses_the_checkpoint_and_the_runner_edits_with_it(tiny_llama, private_cache,
                                                                                   tmp_path):
     train = write_train_file(tmp_path / "train.json", n=16)

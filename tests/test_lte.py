@@ -11,13 +11,11 @@ import pytest
 import torch
 
 from editbench.data import load_cases
-from editbench.models import cache_dir
 from editbench.runner import build_editor, run
 from editbench.scoring import encode, model_logits, pad_batch
 from editbench.train import FINAL, ensure_trained
 from editors.lte import LTE, retrieval_report
-from tests.conftest import compose_cfg, shared, toy_cases
-from tests.conftest import write_train_file
+from tests.conftest import compose_cfg, shared, toy_cases, write_train_file
 
 UNRELATED = [("Water boils at", "one hundred degrees"), ("A year has twelve", "months")]
 
@@ -34,17 +32,6 @@ def _batch(tok, pairs, side):
     encs = [encode(tok, p, t) for p, t in pairs]
     ids, mask = pad_batch([e.ids for e in encs], tok.pad_token_id, side)
     return encs, ids, mask, torch.tensor([e.start for e in encs])
-
-
-@pytest.fixture
-def private_cache(tmp_path, monkeypatch):
-    models = cache_dir("models")
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    if models.is_dir():
-        (cache / "models").symlink_to(models)
-    monkeypatch.setenv("EDITBENCH_CACHE", str(cache))
-    return cache
 
 
 # --------------------------------------------------------------------------- inference

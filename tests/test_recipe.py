@@ -14,8 +14,7 @@ from editbench.runner import build_editor, run
 from editbench.scoring import Scorer, encode, model_logits, pad_batch
 from editbench.train import FINAL, ensure_trained
 from editors.recipe import RECIPE, fact_text
-from tests.conftest import compose_cfg, toy_cases
-from tests.conftest import write_train_file
+from tests.conftest import compose_cfg, toy_cases, write_train_file
 
 # Distinct facts (the tiny random models know none of them); each with a paraphrase and an
 # unrelated locality probe.

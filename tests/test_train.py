@@ -69,14 +69,8 @@ def _toy(lm, **train):
 
 
 @pytest.fixture
-def train_env(tmp_path, monkeypatch):
+def train_env(tmp_path, private_cache):
     """A private cache (sharing the dequantized model folder) and a small train file."""
-    models = cache_dir("models")
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    if models.is_dir():
-        (cache / "models").symlink_to(models)
-    monkeypatch.setenv("EDITBENCH_CACHE", str(cache))
     train = write_train_file(tmp_path / "train.json")
     cfg = compose_cfg("model=tiny-llama", "data=cf", f"data.train_path={train}")
     return cfg, train
