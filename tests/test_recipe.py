@@ -321,14 +321,9 @@ def test_training_batch_of_one_and_bad_config_fail_clearly(tiny_llama):
         _editor(tiny_llama, "editor.pooling=[cls,max]", "editor.head_init=mean")
 
 
-def test_trains_through_the_pipeline_and_the_checkpoint_is_reused(tiny_llama, tmp_path, monkeypatch):
-    from editbench.models import cache_dir
-    models = cache_dir("models")
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    if models.is_dir():
-        (cache / "models").symlink_to(models)
-    monkeypatch.setenv("EDITBENCH_CACHE", str(cache))
+def test_trains_through_the_pipeline_and_the_checkpoint_is_reused(tiny_llama, tmp_path, monkeypatch,
+                                                                  private_cache):
+    cache = private_cache
     train = write_train_file(tmp_path / "train.json")
     cfg = compose_cfg("model=tiny-llama", "editor=recipe", "data=cf", f"data.train_path={train}",
                       "++editor.train.progress=false", "++editor.train.n_val=4", "++editor.train.val_every=2")
