@@ -72,11 +72,17 @@ Deviations and why
   ``editor.encoder=roberta-base`` for the paper's encoder (online).
 * Training length: the official script loops for 1000 epochs and one picks a checkpoint;
   here ``train.steps`` is fixed in the config (the cache needs a definite end).
-* SmolLM2-135M (conf/editor/recipe.yaml): a CPU budget (smaller ``rep_dim``, fewer steps, a
-  larger learning rate) so that training fits in 45 CPU-minutes, and ``contra_hinge_scale``
-  20 (official 1.2): with batches of 8 facts the official hinge switches the sentinel losses
-  off long before the sentinel beats the best of 100 stored facts, and locality at T=100
-  suffers; see docs/editors-retrieval.md for the runs and what else was tried.
+* SmolLM2-135M (conf/editor/recipe.yaml): a CPU budget (smaller ``rep_dim``, 1100 steps, a
+  larger learning rate, bf16 autocast for the training steps) so that training fits in 45
+  CPU-minutes; ``contra_hinge_scale`` 20 (official 1.2): with batches of 8 facts the
+  official hinge switches the sentinel losses off long before the sentinel beats the best
+  of 100 stored facts, and locality at T=100 suffers; and ``prompt_view: key+target``
+  (below). docs/editors-retrieval.md has the runs and what else was tried.
+* ``prompt_view: key+target`` (option; official ``key``): the prompt generator reads the
+  knowledge key plus a projection (a head like the knowledge head) of the mean encoder state
+  of the target's tokens in the fact text. Retrieval keys are unchanged. Motivation: the
+  key is trained to separate facts for retrieval, while the prompts need the exact target;
+  failing answers were often a neighbour of the target (docs/editors-retrieval.md).
 * ``loc_lambda: 0`` (not the default) drops the locality KL and with it the locality rows
   of the LLM pass; the locality query still enters the contrastive loss.
 * The editing losses apply the LM head only at the scored positions (answer tokens):
@@ -112,6 +118,9 @@ from editors.base import Editor, hparams_from_cfg
 from editors.lib.encoder import POOLINGS, SentenceEncoder, pool_states
 
 
+PROMPT_VIEWS = ("key", "key+target")
+
+
 @dataclass
 class RecipeParams:
     # knowledge representation (official KnowledgeRepModel)
@@ -126,6 +135,7 @@ class RecipeParams:
     sentinel_tokens: int = 10               # knowl_rep_prot_token_n
     head_lr_mult: float = 1.0               # knowledge/query heads learn this x faster than the encoder (1: official)
     prompt_lr_mult: float = 1.0             # the prompt generator learns this x faster than the encoder (1: official)
+    prompt_view: str = "key"                # key (official) | key+target: also the target tokens' encoder states
     # retrieval
     min_sim: float | None = None            # official retr_min_sim=-999 (off); inference only
     # training loss (official training: block)
@@ -160,6 +170,9 @@ class RecipeParams:
                      "query_sentinel_t", "contra_hinge_scale", "edit_hinge_scale", "eps"):
             setattr(self, name, float(getattr(self, name)))
         self.train = dict(self.train or {})
+        if self.prompt_view not in PROMPT_VIEWS:
+            raise ValueError(f"editor 'recipe': prompt_view must be one of {', '.join(PROMPT_VIEWS)}, "
+                             f"got '{self.prompt_view}'")
         if self.head_init not in ("random", "mean"):
             raise ValueError(f"editor 'recipe': head_init must be random or mean, got '{self.head_init}'")
         if self.head_init == "mean" and "mean" not in self.pooling:
@@ -236,6 +249,9 @@ class RecipeNet(nn.Module):
         self.query_head = Head(d_enc * len(self.pooling), hp.rep_dim, hp.head_lr_mult)
         self.sentinel = nn.Parameter((torch.rand(1, hp.sentinel_tokens, d_enc) - 0.5) * 0.1)
         self.prompt_gen = PromptGenerator(hp.rep_dim, d_model, hp.prompt_tokens, hp.prompt_lr_mult)
+        # prompt_view key+target: the generator also reads the encoder's states of the target's tokens
+        self.target_head = (Head(d_enc, hp.rep_dim, hp.prompt_lr_mult) if hp.prompt_view == "key+target"
+                            else None)
         self.scale = 1.0 / math.sqrt(hp.rep_dim)
         self.encoder_trainable = bool(hp.train_encoder)
         if hp.head_init == "mean":
@@ -271,6 +287,26 @@ class RecipeNet(nn.Module):
     def knowledge(self, texts: Sequence[str]) -> torch.Tensor:
         return self.knowledge_head(self.pooled(texts))
 
+    def encode_texts(self, texts: Sequence[str], spans: Sequence[tuple[int, int] | None]):
+        """One encoder pass: (pooled features of every text, the mean state of each span's tokens
+        or None when the prompt generator does not read the target)."""
+        states = self.text_encoder.token_states(texts, spans if self.target_head is not None else None)
+        pooled = pool_states(states, self.pooling)
+        return pooled, (states.span_mean() if self.target_head is not None else None)
+
+    def prompt_input(self, keys: torch.Tensor, target_states: torch.Tensor | None) -> torch.Tensor:
+        """What the prompt generator reads: the knowledge key (official), plus the projected target
+        states under ``prompt_view: key+target``."""
+        if self.target_head is None:
+            return keys
+        return keys + self.target_head(target_states)
+
+    def facts(self, requests: Sequence[EditRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, prompt vectors) of edit requests."""
+        pooled, target = self.encode_texts([fact_text(r) for r in requests], [target_span(r) for r in requests])
+        keys = self.knowledge_head(pooled)
+        return keys, self.prompt_gen(self.prompt_input(keys, target))
+
     def query(self, texts: Sequence[str]) -> torch.Tensor:
         return self.query_head(self.pooled(texts))
 
@@ -283,6 +319,12 @@ class RecipeNet(nn.Module):
 def fact_text(request: EditRequest) -> str:
     """The knowledge statement stored for an edit (official: prompt + ' ' + target_new)."""
     return f"{request.prompt.rstrip()} {request.target_new.strip()}"
+
+
+def target_span(request: EditRequest) -> tuple[int, int]:
+    """The character range of the target inside :func:`fact_text`."""
+    start = len(request.prompt.rstrip()) + 1
+    return start, start + len(request.target_new.strip())
 
 
 @register("recipe")
@@ -330,8 +372,7 @@ class RECIPE(Editor):
 
     def edit_batch(self, requests: Sequence[EditRequest]) -> dict[str, Any]:
         with self._inference():
-            keys = self.net.knowledge([fact_text(r) for r in requests])
-            prompts = self.net.prompt_gen(keys)
+            keys, prompts = self.net.facts(requests)
         self.keys = torch.cat([self.keys, keys])
         self.prompts = prompts if self.prompts is None else torch.cat([self.prompts, prompts])
         return {"memory_size": len(self.keys)}
@@ -444,7 +485,8 @@ class RECIPE(Editor):
 
         # ---- knowledge and query representations (one encoder pass for every text)
         texts = [fact_text(c.request) for c in batch] + q1 + q2 + q3
-        pooled = net.pooled(texts)
+        spans = [target_span(c.request) for c in batch] + [None] * (len(texts) - n)
+        pooled, target_states = net.encode_texts(texts, spans)
         keys = net.knowledge_head(pooled[:n])
         queries = net.query_head(pooled[n:])
         r1, r2, r3 = queries[:n], queries[n:2 * n], queries[2 * n:]
@@ -471,7 +513,7 @@ class RECIPE(Editor):
             return hp.contra_lambda * loss_contra, {k: float(v.detach()) for k, v in parts.items()}
 
         # ---- editing losses: each case's own prompts prepended (oracle retrieval)
-        prompts = net.prompt_gen(keys)
+        prompts = net.prompt_gen(net.prompt_input(keys, None if target_states is None else target_states[:n]))
         rel = [encode(self.tok, c.request.prompt, c.request.target_new) for c in batch]
         gen = [encode(self.tok, p.prompt, p.target) if p is not None
                else encode(self.tok, c.request.prompt, c.request.target_new) for p, c in zip(gen_p, batch)]

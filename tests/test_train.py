@@ -54,6 +54,7 @@ class ToyTrained(Editor):
         h = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
         last = h[torch.arange(len(encs)), mask.sum(1) - 1]
         logits = self.model.get_output_embeddings()(last + self.head(last))
+        self.logits_dtype = logits.dtype
         target = torch.tensor([e.target_ids[0] for e in encs])
         loss = nn.functional.cross_entropy(logits, target)
         return loss, {"ce": float(loss.detach())}
@@ -164,8 +165,33 @@ def test_cache_key_ignores_inference_only_and_bookkeeping_settings(train_env, ti
     ed = ToyTrained(tiny_llama.model, tiny_llama.tokenizer, tiny_llama.arch,
                     {"name": "toy_trained", "train": {"steps": 9}})
     assert train_key(cfg, ed, train_settings(ed))[0] != base
+    ed = ToyTrained(tiny_llama.model, tiny_llama.tokenizer, tiny_llama.arch,
+                    {"name": "toy_trained", "train": {"steps": 8, "autocast": None}})
+    assert train_key(cfg, ed, train_settings(ed))[0] == base          # added later: keyed only when set
+    ed = ToyTrained(tiny_llama.model, tiny_llama.tokenizer, tiny_llama.arch,
+                    {"name": "toy_trained", "train": {"steps": 8, "autocast": "bfloat16"}})
+    assert train_key(cfg, ed, train_settings(ed))[0] != base
     write_train_file(train, n=25)                                     # other train data
     assert key() != base
+
+
+def test_autocast_trains_in_bf16_and_leaves_the_llm_untouched(train_env, tiny_llama):
+    cfg, _ = train_env
+    model_before = {n: p.clone() for n, p in tiny_llama.model.state_dict().items()}
+    full = _toy(tiny_llama)
+    ensure_trained(cfg, tiny_llama, full)
+    assert full.logits_dtype == torch.float32
+    mixed = _toy(tiny_llama, autocast="bfloat16")
+    init = _state(mixed)
+    path = ensure_trained(cfg, tiny_llama, mixed)
+    assert mixed.logits_dtype == torch.bfloat16 and path != ensure_trained(cfg, tiny_llama, _toy(tiny_llama))
+    trained = _state(mixed)
+    assert not _same(init, trained) and not _same(trained, _state(full))
+    assert all(t.dtype == torch.float32 for t in trained.values())     # master weights stay float32
+    after = tiny_llama.model.state_dict()
+    assert all(torch.equal(after[n], model_before[n]) for n in model_before)
+    hist = pd.read_csv(path.parent / "history.csv")
+    assert hist["loss"].notna().all() and hist["loss"].iloc[-1] < hist["loss"].iloc[0]
 
 
 def test_bad_train_settings_fail_clearly(train_env, tiny_llama):
@@ -174,6 +200,8 @@ def test_bad_train_settings_fail_clearly(train_env, tiny_llama):
         ensure_trained(cfg, tiny_llama, _toy(tiny_llama, stpes=3))
     with pytest.raises(ValueError, match="steps must be >= 1"):
         ensure_trained(cfg, tiny_llama, _toy(tiny_llama, steps=0))
+    with pytest.raises(ValueError, match=r"autocast must be null or one of \['bfloat16', 'float16'\], got 'fp8'"):
+        ensure_trained(cfg, tiny_llama, _toy(tiny_llama, autocast="fp8"))
     with pytest.raises(ValueError, match="lr_schedule must be constant or cosine"):
         ensure_trained(cfg, tiny_llama, _toy(tiny_llama, lr_schedule="linear"))
     no_data = compose_cfg("model=tiny-llama", "data=sample")

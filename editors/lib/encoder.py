@@ -105,13 +105,30 @@ class SentenceEncoder:
         return torch.cat(out)
 
     # ------------------------------------------------------------------ trainable path
-    def token_states(self, texts: Sequence[str]) -> "TokenStates":
+    def token_states(self, texts: Sequence[str],
+                     spans: Sequence[tuple[int, int] | None] | None = None) -> "TokenStates":
         """Last hidden states of ``texts`` (one padded batch). Gradients flow to the encoder's
-        weights when grad mode is on and they require grad."""
+        weights when grad mode is on and they require grad.
+
+        ``spans`` (one ``(start, end)`` character range or None per text) fills
+        ``TokenStates.span_mask``: the tokens that overlap the range (a fast tokenizer's offsets)."""
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(self.device)
+                             return_tensors="pt", return_offsets_mapping=spans is not None)
+        offsets = enc.pop("offset_mapping", None)
+        enc = enc.to(self.device)
         res = self.model(**enc)
-        return TokenStates(res.last_hidden_state, enc["attention_mask"], getattr(res, "pooler_output", None))
+        span_mask = None
+        if spans is not None:
+            if len(spans) != len(texts):
+                raise ValueError(f"token_states: {len(spans)} spans for {len(texts)} texts")
+            span_mask = torch.zeros(offsets.shape[:2], dtype=torch.bool)
+            for i, span in enumerate(spans):
+                if span is not None:
+                    a, b = offsets[i, :, 0], offsets[i, :, 1]
+                    span_mask[i] = (b > a) & (b > span[0]) & (a < span[1])   # real tokens overlapping it
+            span_mask = span_mask.to(self.device) & enc["attention_mask"].bool()
+        return TokenStates(res.last_hidden_state, enc["attention_mask"], getattr(res, "pooler_output", None),
+                           span_mask)
 
     def vector_states(self, vectors: torch.Tensor) -> "TokenStates":
         """Run the encoder's layer stack (and pooler) on ``vectors`` (n, L, dim) used directly as
@@ -129,11 +146,20 @@ class SentenceEncoder:
 
 @dataclass
 class TokenStates:
-    """An encoder's output for a padded batch: hidden (n, L, d), mask (n, L), pooler (n, d) or None."""
+    """An encoder's output for a padded batch: hidden (n, L, d), mask (n, L), pooler (n, d) or
+    None, span_mask (n, L) or None (the tokens of a requested character span per text)."""
 
     hidden: torch.Tensor
     mask: torch.Tensor
     pooler: torch.Tensor | None = None
+    span_mask: torch.Tensor | None = None
+
+    def span_mean(self) -> torch.Tensor:
+        """(n, d): mean of each text's span tokens (zeros for a text without any)."""
+        if self.span_mask is None:
+            raise ValueError("span_mean needs token_states(..., spans=...)")
+        m = self.span_mask.unsqueeze(-1).to(self.hidden.dtype)
+        return (self.hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
 POOLINGS = ("pooler", "cls", "mean", "max", "min")
