@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from editbench.models import load_model  # noqa: E402
-from editbench.runner import build_editor, select_cases  # noqa: E402
+from editbench.plan import select_cases  # noqa: E402
+from editbench.session import build_editor  # noqa: E402
 from editbench.scoring import Scorer  # noqa: E402
 from editors.lib.layer_stats import (corpus_id, n_texts_used, second_moments, stats_path,  # noqa: E402
                                      weights_fingerprint)
@@ -118,7 +119,7 @@ def main() -> None:
         editor = build_editor(cfgs["memit"], lm)
         batch = cases[:args.batch]
         scorer = Scorer(lm.tokenizer, exact_match=False, cf_metrics=args.data == "cf")
-        scorer.score(editor.logits, batch, reference=True)
+        scorer.score(editor, batch, reference=True)
         rows = []
         for mode in ("sequential", "batch"):
             t0 = time.perf_counter()
@@ -128,7 +129,7 @@ def main() -> None:
                 for c in batch:
                     editor.edit(c.request)
             seconds = time.perf_counter() - t0
-            per_case, _ = scorer.score(editor.logits, batch)
+            per_case, _ = scorer.score(editor, batch)
             editor.reset()
             m = {k: statistics.mean(v[k] for v in per_case.values() if k in v)
                  for k in ("reliability", "generality", "locality", "cf_efficacy") if any(k in v for v in per_case.values())}

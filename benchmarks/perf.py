@@ -22,8 +22,8 @@ below; see benchmarks/README.md):
 
 For each T the chunks go through ``editbench.runner.run_chunk`` (the function ``python -m
 editbench`` runs for every chunk: unedited scoring pass, T sequential edits, scoring,
-reset and bit-exact restore check) on a Context built the way ``runner._run_chunks``
-builds it. Nothing is written to a run folder; the figures go to
+reset and bit-exact restore check) on the Session that ``editbench.session.open_session``
+builds for every run. Nothing is written to a run folder; the figures go to
 ``<bench.out>/perf_<editor>_<model>_<data>.csv`` (one row per figure) and a Markdown table
 (printed, and saved beside the CSV as ``.md``).
 """
@@ -49,7 +49,9 @@ from omegaconf import DictConfig, OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from editbench import runner  # noqa: E402
+from editbench import plan, runner  # noqa: E402
+from editbench.results import RunDir  # noqa: E402
+from editbench.session import check_compatible, open_session  # noqa: E402
 from editbench.scoring import Scorer, encode, length_batches, model_logits, pad_batch, sync  # noqa: E402
 
 #: defaults of the script's own ``bench.*`` keys
@@ -396,7 +398,7 @@ def stats_layers_of(cfg: DictConfig) -> list[int]:
 
 
 def chunk_queries(scorer: Scorer, chunk) -> list:
-    return [e for c in chunk for (_, _, e) in scorer._queries(c)]
+    return [scorer.encode(q.prompt, q.target) for c in chunk for q in scorer.queries(c)]
 
 
 @torch.no_grad()
@@ -436,18 +438,18 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     """Measure; write the CSV and the table; return {"csv", "md", "rows", "shape", "gemm"}."""
     hydra_args, bench = split_args(argv)
     cfg = compose_cfg(hydra_args)
-    runner.check_compatible(cfg)
+    check_compatible(cfg)
     from editbench.data import load_cases
     from editbench.models import load_model
 
     cases = load_cases(cfg.data.kind, cfg.data.get("path"))
-    runner.check_unique_ids(cases)
+    plan.check_unique_ids(cases)
     Ts = [int(t) for t in bench.T]
     n_cases = int(bench.n_cases)
-    selected = runner.select_cases(cases, n_cases, cfg.runner.seed, cfg.runner.shuffle)
+    selected = plan.select_cases(cases, n_cases, cfg.runner.seed, cfg.runner.shuffle)
     warm_case = []
     if bench.warmup:  # the case after the measured ones (the first measured one when there is none)
-        pool = runner.select_cases(cases, n_cases + 1, cfg.runner.seed, cfg.runner.shuffle)
+        pool = plan.select_cases(cases, n_cases + 1, cfg.runner.seed, cfg.runner.shuffle)
         warm_case = pool[n_cases:n_cases + 1] or pool[:1]
 
     t0 = time.perf_counter()
@@ -501,28 +503,14 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
                     note=f"layers {layers}, {n_texts} texts, {sum(counts)} tokens, {flops / 1e9:.1f} GFLOP")
             print(f"{figure}: layers {layers}, {n_texts} texts: {seconds:.2f} s", flush=True)
 
-    # ---- the editor and the Context, as runner._run_chunks builds them
-    scorer = Scorer(lm.tokenizer, batch_size=cfg.runner.batch_size, padding_side=cfg.runner.padding_side,
-                    cf_metrics=bool(cfg.data.get("cf_metrics", False)),
-                    exact_match=bool(cfg.runner.exact_match), device=device)
-    runner.check_cases(list(selected) + list(warm_case), scorer, runner.max_positions(model))
+    # ---- the session (model, scorer, editor, guard, hooks), built as every run builds it
     t0 = time.perf_counter()
-    editor = runner.build_editor(cfg, lm)
-    if editor.needs_training:
-        from editbench.train import ensure_trained, uses_pipeline
-
-        if uses_pipeline(editor):
-            ensure_trained(cfg, lm, editor)
-        else:
-            editor.fit(runner._train_cases(cfg))
-    out.add("-", "editor_build", time.perf_counter() - t0, "s", ratio="",
-            note="includes cached statistics loads / training checkpoint")
-    model.eval()
     with tempfile.TemporaryDirectory(prefix="editbench-perf-run-") as tmp:
-        ctx = runner.Context(cfg, lm, editor, scorer, runner.WeightGuard(model),
-                             runner.results.RunDir(Path(tmp)), after_edit_hooks={})
-        for name, hook in runner._after_edit_hooks(cfg, lm).items():
-            ctx.after_edit_hooks[name] = hook
+        ctx = open_session(cfg, list(selected) + list(warm_case), lm, RunDir(Path(tmp)))
+        out.add("-", "editor_build", time.perf_counter() - t0, "s", ratio="",
+                note="open_session: case checks, editor build, cached statistics loads / training checkpoint, "
+                     "weight digests")
+        scorer, editor = ctx.scorer, ctx.editor
         # Stopwatches on the instance (the runner's code is unchanged; it calls these attributes).
         score_sw = Stopwatch(scorer.score, device)
         scorer.score = score_sw
@@ -539,7 +527,7 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
         if warm_case:
             runner.run_chunk(ctx, 1, 10**6, list(warm_case))
         for T in Ts:
-            chunks, dropped = runner.chunks_of(selected, T)
+            chunks, dropped = plan.chunks_of(selected, T)
             if not chunks:
                 print(f"T={T}: fewer than {T} cases; skipped", flush=True)
                 continue

@@ -48,7 +48,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from editbench.results import RunDir, atomic_write_csv, atomic_write_text
+from editbench.results import RunDir, atomic_save_figure, atomic_write_csv, atomic_write_text
 
 QUALITY = [("reliability", "Rel"), ("generality", "Gen"), ("locality", "Loc")]
 COST = [("edit_time_s", "edit s"), ("infer_time_s", "infer s/query"), ("infer_overhead", "overhead")]
@@ -457,9 +457,7 @@ def _finish(fig: Figure, axes: list, path: str | Path | None, title: str) -> Fig
         fig.suptitle(title)
     fig.tight_layout()
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, format="png")
+        atomic_save_figure(fig, Path(path), dpi=120, format="png")
     return fig
 
 

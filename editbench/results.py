@@ -64,6 +64,21 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def atomic_save_figure(fig, path: Path, **savefig_kw) -> None:
+    """``fig.savefig(path)`` through a temporary file in the same folder (never a half-written PNG)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, **savefig_kw)
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def default_file_mode() -> int:
     """The mode ``open()`` would give a new file under the current umask (0644 typically)."""
     mask = os.umask(0)

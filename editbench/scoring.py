@@ -26,10 +26,13 @@ from torch import nn
 
 from editbench.records import Probe
 
-#: ``logits_fn(input_ids, attention_mask, prompt_len=None)``: an editor's ``logits``. ``prompt_len``
-#: (LongTensor, one per row) counts the row's real tokens that belong to the user's prompt; the
-#: real tokens after them are the answer being scored or generated. Retrieval editors build their
-#: query from the prompt part only, so no target token can leak into the retrieval.
+#: What scoring reads logits from: an editor, or anything else with the editor's ``logits_at``
+#: (:class:`PlainLogits` for the unedited model); or a plain callable
+#: ``logits_fn(input_ids, attention_mask, prompt_len=None)`` returning logits aligned with the
+#: input, which is run in full and indexed. ``prompt_len`` (LongTensor, one per row) counts the
+#: row's real tokens that belong to the user's prompt; the real tokens after them are the answer
+#: being scored or generated. Retrieval editors build their query from the prompt part only, so
+#: no target token can leak into the retrieval.
 LogitsFn = Callable[..., torch.Tensor]
 
 
@@ -92,20 +95,20 @@ class PlainLogits:
         return model_logits_at(self.model, input_ids, attention_mask, rows, cols)
 
 
-def selector(logits_fn: LogitsFn) -> Callable[..., torch.Tensor]:
+def selector(source: LogitsFn) -> Callable[..., torch.Tensor]:
     """``select(ids, mask, rows, cols, prompt_len) -> (N, vocab)``: the logits scoring reads.
 
-    Given an editor's bound ``logits`` (or :class:`PlainLogits`'s), this is its ``logits_at``,
-    which parameter editors compute with the head applied to those positions only; any
-    other callable is run in full and indexed.
+    For an editor (or :class:`PlainLogits`) this is its ``logits_at``, which parameter editors
+    compute with the head applied to those positions only; an object with ``logits`` only, or a
+    plain callable, is run in full and indexed.
     """
-    owner = getattr(logits_fn, "__self__", None)
-    at = getattr(owner, "logits_at", None)
-    if at is not None and getattr(logits_fn, "__name__", "") == "logits":
+    at = getattr(source, "logits_at", None)
+    if at is not None:
         return at
+    source = getattr(source, "logits", source)   # an object with logits() only
 
     def select(ids, mask, rows, cols, prompt_len=None):
-        logits = logits_fn(ids, mask, prompt_len=prompt_len)
+        logits = source(ids, mask, prompt_len=prompt_len)
         if logits.shape[:2] != ids.shape:
             raise RuntimeError(f"logits shape {tuple(logits.shape)} does not align with input {tuple(ids.shape)}")
         return logits[rows, cols]
@@ -116,21 +119,6 @@ def sync(device: torch.device | str | None = None) -> None:
     """Wait for queued GPU work so that a wall clock reading means something."""
     if torch.cuda.is_available():
         torch.cuda.synchronize(device)
-
-
-def prompt_token_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      prompt_len: torch.Tensor | None = None) -> list[list[int]]:
-    """Per row, the token ids of the user's prompt: the first ``prompt_len[row]`` real tokens
-    (left or right padding), or every real token when ``prompt_len`` is None.
-
-    This is what a retrieval editor may use as its query: with ``prompt_len`` given, no token
-    of the answer being scored or generated is included.
-    """
-    rows = []
-    for r, (ids, m) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
-        real = [t for t, keep in zip(ids, m) if keep]
-        rows.append(real if prompt_len is None else real[:int(prompt_len[r])])
-    return rows
 
 
 # --------------------------------------------------------------------------- encoding
@@ -299,6 +287,40 @@ def greedy_generate(logits_fn: LogitsFn, prompts: Sequence[Sequence[int]], n_new
 
 
 # --------------------------------------------------------------------------- per-case metrics
+@dataclass(frozen=True)
+class CaseQuery:
+    """One teacher-forced query of a case: what the metric code calls it (``kind``:
+    rel, gen, loc, cf_true, cf_para_true, cf_nb_new; ``family``) and where it comes from in
+    the case (``field``, e.g. ``generality.rephrase[0]``, for error messages)."""
+
+    kind: str
+    family: str
+    field: str
+    prompt: str
+    target: str
+
+
+def case_queries(case, cf_metrics: bool = False) -> list[CaseQuery]:
+    """Every teacher-forced query of ``case`` in scoring order: the request, its generality
+    and locality probes, and with ``cf_metrics`` (and a ground truth) the probability
+    comparisons' counterparts."""
+    r = case.request
+
+    def probes(kind: str) -> list[tuple[str, int, Probe]]:
+        return [(fam, j, p) for fam, ps in getattr(case, kind).items() for j, p in enumerate(ps)]
+
+    q = [CaseQuery("rel", "", "request", r.prompt, r.target_new)]
+    q += [CaseQuery("gen", fam, f"generality.{fam}[{j}]", p.prompt, p.target) for fam, j, p in probes("generality")]
+    q += [CaseQuery("loc", fam, f"locality.{fam}[{j}]", p.prompt, p.target) for fam, j, p in probes("locality")]
+    if cf_metrics and r.ground_truth:
+        q += [CaseQuery("cf_true", "", "request.ground_truth", r.prompt, r.ground_truth)]
+        q += [CaseQuery("cf_para_true", "", f"generality.{fam}[{j}] with ground_truth", p.prompt, r.ground_truth)
+              for fam, j, p in probes("generality")]
+        q += [CaseQuery("cf_nb_new", "", f"locality.{fam}[{j}] with target_new", p.prompt, r.target_new)
+              for fam, j, p in probes("locality")]
+    return q
+
+
 class Scorer:
     """Builds every query of a set of cases, scores them in one batched pass, and turns
     the token-level results into per-case metrics.
@@ -340,17 +362,13 @@ class Scorer:
             self._enc[key] = encode(self.tok, prompt, target)
         return self._enc[key]
 
+    def queries(self, case) -> list[CaseQuery]:
+        """Every teacher-forced query this scorer asks of ``case`` (:func:`case_queries`)."""
+        return case_queries(case, self.cf_metrics)
+
     def _queries(self, case) -> list[tuple[str, str, Encoded]]:
         """(kind, family, encoded) for every teacher-forced query of a case."""
-        r = case.request
-        q = [("rel", "", self.encode(r.prompt, r.target_new))]
-        q += [("gen", fam, self.encode(p.prompt, p.target)) for fam, p in case.probes("generality")]
-        q += [("loc", fam, self.encode(p.prompt, p.target)) for fam, p in case.probes("locality")]
-        if self.cf_metrics and r.ground_truth:
-            q += [("cf_true", "", self.encode(r.prompt, r.ground_truth))]
-            q += [("cf_para_true", "", self.encode(p.prompt, r.ground_truth)) for _, p in case.probes("generality")]
-            q += [("cf_nb_new", "", self.encode(p.prompt, r.target_new)) for _, p in case.probes("locality")]
-        return q
+        return [(q.kind, q.family, self.encode(q.prompt, q.target)) for q in self.queries(case)]
 
     def score(self, logits_fn: LogitsFn, cases, reference: bool = False) -> tuple[dict[str, dict[str, float]], Timing]:
         """Per-case metrics of ``cases`` under ``logits_fn`` and the time spent in it.

@@ -40,7 +40,7 @@ edited weights are set back to ``W0`` for the one forward/backward pass (exact c
 is written in place; the edit representations of every layer and module are stored for the next
 edits' inter-editing attention. ``reset`` restores the weights bit for bit and clears them.
 
-Training (``needs_training``; the loop, data order, optimiser and cache are editbench/train.py):
+Training (``training = "pipeline"``; the loop, data order, optimiser and cache are editbench/train/):
 one step edits the first n cases of the pipeline's batch as ONE sequence (the official
 ``edit_batch`` of n requests, inter-editing attention causal over them), with n drawn uniformly
 from ``1..seq_n`` (official ParallelDataset with ``batch_size = range(1, now_seq_modeling+1)``).
@@ -102,7 +102,7 @@ from torch import nn
 
 from editbench.records import EditCase, EditFailed, EditRequest
 from editbench.registry import register
-from editors.base import Editor, hparams_from_cfg
+from editbench.editor import Editor, hparams_from_cfg
 from editors.lib.hypernet import (GENERALITY, LOCALITY, REQUEST, Factors, HypernetEditor, RunningNorm, Shift,
                                   modes_per_shape, resolve_modules, shifted, stack_groups)
 

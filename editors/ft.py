@@ -23,7 +23,7 @@ Defaults (conf/editor/ft.yaml, conf/editor_model/ft/*.yaml):
   docs/editors.md).
 
 Speed: the layers below the lowest edited layer are run once per edit, without
-gradients (``editors.lib.upper.UpperStack``), and the LM head is applied only at the
+gradients (``editors.lib.forward.UpperStack``), and the LM head is applied only at the
 positions the loss reads; the loss and its gradients are unchanged.
 
 Deviation: none in the algorithm. The tokenisation of (prompt, target) is the harness's
@@ -37,8 +37,8 @@ import torch
 
 from editbench.registry import register
 from editbench.scoring import encode
-from editors.base import Editor, hparams_from_cfg
-from editors.lib.upper import UpperStack
+from editbench.editor import Editor, hparams_from_cfg
+from editors.lib.forward import UpperStack
 
 
 @dataclass
@@ -79,7 +79,7 @@ class FT(Editor):
             inputs = ids
             positions = torch.arange(enc.start - 1, len(enc.ids) - 1, device=self.device)
         # Layers below the lowest edited one never change: run them once.
-        upper = UpperStack(self.model, self.arch, min(self.layer_indices), inputs, torch.ones_like(inputs))
+        upper = UpperStack.capture(self.model, self.arch, min(self.layer_indices), inputs, torch.ones_like(inputs))
         head = self.arch.module(self.model, "lm_head")
         weights = self.remember(self.weight_names)
         originals = [self._originals[n] for n in self.weight_names]

@@ -43,7 +43,7 @@ Deviations (all for the protocol or for speed; none changes the algorithm):
 * only the trained key's value receives gradients (official: Adam over every value, of
   which only the chosen one gets a gradient for a single edit: the same thing);
 * a value is trained by re-running only the layers from ``layer`` up: the layers below
-  are run once per edit without gradients (:class:`editors.lib.upper.UpperStack`), and
+  are run once per edit without gradients (:class:`editors.lib.forward.UpperStack`), and
   the LM head is applied only at the target positions. Same loss, same gradients, fewer FLOPs;
 * ``early_stop_loss`` (default null: off, as officially) may stop training early;
 * the adversarial value training (``val_train: adv``) of the paper's code is not offered
@@ -62,9 +62,9 @@ from torch import nn
 
 from editbench.registry import register
 from editbench.scoring import encode, model_logits
-from editors.base import Editor, hparams_from_cfg
-from editors.lib.upper import UpperStack
-from editors.lib.wrap import swap_module
+from editbench.editor import Editor, hparams_from_cfg
+from editors.lib.forward import UpperStack
+from editors.lib.swap import ModuleSwap
 
 
 @dataclass
@@ -191,25 +191,22 @@ class GraceCodebook(nn.Module):
 
 @register("grace")
 class Grace(Editor):
+    custom_logits = True   # the codebook reads each query's attention mask in logits()
     def __init__(self, model, tokenizer, arch, cfg):
         super().__init__(model, tokenizer, arch, cfg)
         self.hp = hparams_from_cfg(GraceParams, cfg, "grace")
         self.module_name = arch.name(self.hp.module, self.hp.layer)
-        self.book: GraceCodebook | None = None
-        self._original: nn.Module | None = None
+        #: the codebook around the module, installed by the first edit and discarded by reset
+        self._swap: ModuleSwap[GraceCodebook] = ModuleSwap(
+            model, self.module_name, lambda inner: GraceCodebook(inner, self.hp.replacement))
 
     # ------------------------------------------------------------------ wrapper
-    def _install(self) -> GraceCodebook:
-        if self.book is None:
-            inner = self.model.get_submodule(self.module_name)
-            self.book = GraceCodebook(inner, self.hp.replacement)
-            self._original = swap_module(self.model, self.module_name, self.book)
-        return self.book
+    @property
+    def book(self) -> GraceCodebook | None:
+        return self._swap.wrapper
 
     def reset(self) -> None:
-        if self.book is not None:
-            swap_module(self.model, self.module_name, self._original)
-            self.book, self._original = None, None
+        self._swap.discard()
         super().reset()
 
     def stats(self):
@@ -227,7 +224,7 @@ class Grace(Editor):
     # ------------------------------------------------------------------ edit
     def edit(self, request):
         hp = self.hp
-        book = self._install()
+        book = self._swap.install()
         enc = encode(self.tok, request.prompt, request.target_new)
         ids = torch.tensor([enc.ids], device=self.device)
         targets = torch.tensor(enc.target_ids, device=self.device)
@@ -235,7 +232,7 @@ class Grace(Editor):
 
         # Layers below `layer` are frozen: run them once and keep what enters `layer`;
         # one pass through the layers above records the query (the module's input).
-        stack = UpperStack(self.model, self.arch, hp.layer, ids, torch.ones_like(ids))
+        stack = UpperStack.capture(self.model, self.arch, hp.layer, ids, torch.ones_like(ids))
         book.record = True
         try:
             with torch.no_grad():

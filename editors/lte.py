@@ -14,7 +14,7 @@ Inference phase (always):
   embedding of the edit's prompt (``key_text=prompt``, as the official ``encode_ike_facts``
   does; ``key_text=fact`` embeds the whole fact instead).
 * ``logits(ids, mask, prompt_len)``: per row, the query is the row's PROMPT tokens only
-  (``editbench.scoring.prompt_token_rows``; the scored answer never reaches the
+  (``editors.lib.memory.prompt_token_rows``; the scored answer never reaches the
   retriever), decoded and embedded; the ``top_k`` stored facts by cosine similarity
   (official ``k: 1``) are written into the official template (SeqEdit's
   ``knowledge_edit_template``: one fact as is, several as a numbered list)::
@@ -40,7 +40,7 @@ Inference phase (always):
 * ``infer_overhead`` (measured by the harness) includes the encoder pass and the
   inserted tokens, since both happen inside ``logits``.
 
-Alignment phase (``align=true``; trained by editbench/train.py, cached): LoRA adapters
+Alignment phase (``align=true``; trained by editbench/train/, cached): LoRA adapters
 (peft; official ``lora_r 8, lora_alpha 16, lora_dropout 0.05`` on ``q_proj, v_proj`` of
 every layer) trained on LTE-style examples built from the train split, following
 ``create_train_data.ipynb`` as far as the split allows. Per training case:
@@ -65,7 +65,7 @@ installed in the model only inside the editor's own forward passes (the wrapped
 modules are swapped back before ``logits``/``training_loss`` return), so the model's
 module tree and weights are the original ones between calls; ``reset()`` empties the
 memory and keeps the adapters (they belong to the trained editor, not to the edits).
-``needs_training`` is an instance attribute: ``align``. Validation (held-out train
+``training`` is narrowed per instance by ``align`` (``None`` without it). Validation (held-out train
 cases): reliability/generality with the own fact, locality agreement with the unedited
 model with the own fact inserted, and agreement without facts.
 
@@ -104,10 +104,11 @@ from torch import nn
 
 from editbench.records import EditCase, EditRequest
 from editbench.registry import register
-from editbench.scoring import Encoded, encode, model_logits, pad_batch, prompt_token_rows
-from editors.base import Editor, hparams_from_cfg
+from editbench.scoring import Encoded, encode, model_logits, pad_batch
+from editbench.editor import Editor, hparams_from_cfg
 from editors.lib.encoder import SentenceEncoder
-from editors.lib.wrap import swap_module
+from editors.lib.memory import RetrievalCounters, prompt_token_rows
+from editors.lib.swap import ModuleSwap
 
 #: SeqEdit's knowledge_edit_template, up to the question; ``{facts}`` is one fact or a numbered list
 DEFAULT_TEMPLATE = ("Please acknowledge the updated information provided below and respond to the subsequent "
@@ -178,13 +179,15 @@ def facts_block(facts: Sequence[str]) -> str:
 
 @register("lte")
 class LTE(Editor):
+    training = "pipeline"  # the alignment phase; an instance with align=false narrows it to None
+    custom_logits = True   # retrieved facts are prepended in logits()
     #: configuration keys that only act at inference (left out of the training cache key)
     inference_only: ClassVar[tuple[str, ...]] = ("key_text", "top_k", "retrieval", "sim_threshold", "val_batch_size")
 
     def __init__(self, model, tokenizer, arch, cfg):
         super().__init__(model, tokenizer, arch, cfg)
         self.hp = hparams_from_cfg(LTEParams, cfg, "lte")
-        self.needs_training = bool(self.hp.align)   # per instance: only the aligned variant trains
+        self.training = "pipeline" if self.hp.align else None   # per instance: only the aligned variant trains
         name = MPNET if self.hp.encoder.lower() in ("multi-qa-mpnet-base-dot-v1", MPNET.lower()) else self.hp.encoder
         pooling = self.hp.encoder_pooling
         if pooling == "auto":
@@ -199,17 +202,13 @@ class LTE(Editor):
         self.keys = torch.zeros(0, self.encoder.dim, device=self.encoder.device)
         self._by_prompt: dict[str, int] = {}
         self._prefix_cache: dict[tuple[str, ...], list[int]] = {}
-        self._reset_counters()
+        self.counters = RetrievalCounters()
         # alignment
-        self._lora: dict[str, tuple[nn.Module, nn.Module]] = {}   # module name -> (original, LoRA wrapper)
+        self._lora: list[ModuleSwap] = []                        # one LoRA wrapper per target module
         self.adapters: nn.ModuleDict | None = None
         self._pool: dict[str, Any] | None = None                 # training facts and their neighbours
         if self.hp.align:
             self._build_adapters()
-
-    def _reset_counters(self) -> None:
-        self.queried = self.inserted = 0
-        self.exact_queries = self.exact_hits = 0
 
     # ------------------------------------------------------------------ adapters
     def _build_adapters(self) -> None:
@@ -235,12 +234,10 @@ class LTE(Editor):
             inject_adapter_in_model(LoraConfig(r=self.hp.lora_r, lora_alpha=self.hp.lora_alpha,
                                                lora_dropout=self.hp.lora_dropout, target_modules=names, bias="none"),
                                     self.model, adapter_name="default")
-        for n in names:
-            wrapper = swap_module(self.model, n, originals[n])   # the original goes back at once
-            self._lora[n] = (originals[n], wrapper)
+        self._lora = [ModuleSwap.taken_out(self.model, n, originals[n]) for n in names]  # the originals go back at once
         if not had_peft_config and hasattr(self.model, "peft_config"):
             del self.model.peft_config
-        self.adapters = nn.ModuleDict({n.replace(".", "__"): w for n, (_, w) in self._lora.items()})
+        self.adapters = nn.ModuleDict({s.name.replace(".", "__"): s.wrapper for s in self._lora})
         self.adapters.eval()
 
     @contextlib.contextmanager
@@ -250,12 +247,12 @@ class LTE(Editor):
             yield
             return
         try:
-            for n, (_, wrapper) in self._lora.items():
-                swap_module(self.model, n, wrapper)
+            for swap in self._lora:
+                swap.install()
             yield
         finally:
-            for n, (original, _) in self._lora.items():
-                swap_module(self.model, n, original)
+            for swap in self._lora:
+                swap.restore()
 
     # ------------------------------------------------------------------ editing
     def edit(self, request: EditRequest) -> dict[str, Any]:
@@ -294,10 +291,8 @@ class LTE(Editor):
             chosen.append(pick)
             own = self._by_prompt.get(text)
             if own is not None:
-                self.exact_queries += 1
-                self.exact_hits += bool(pick) and pick[0] == own
-        self.queried += len(texts)
-        self.inserted += sum(bool(p) for p in chosen)
+                self.counters.count_exact(bool(pick) and pick[0] == own)
+        self.counters.count(len(texts), sum(bool(p) for p in chosen))
         return chosen
 
     def prefix_ids(self, facts: Sequence[str]) -> list[int]:
@@ -385,16 +380,11 @@ class LTE(Editor):
         self.keys = torch.zeros(0, self.encoder.dim, device=self.encoder.device)
         self._by_prompt = {}
         self._prefix_cache = {}
-        self._reset_counters()
+        self.counters = RetrievalCounters()
         super().reset()
 
     def stats(self) -> dict[str, float]:
-        out = {"memory_size": float(len(self.facts))}
-        if self.queried:
-            out["retrieval_rate"] = self.inserted / self.queried
-        if self.exact_queries:
-            out["retrieval_hit_rate"] = self.exact_hits / self.exact_queries
-        return out
+        return self.counters.stats(len(self.facts))
 
     # ------------------------------------------------------------------ alignment (training protocol)
     def trainable(self) -> nn.Module:

@@ -22,7 +22,7 @@ Edit of n requests at once (``edit_batch``; ``edit`` is ``edit_batch`` of one re
    ``(K^T K + exp(lamda_m) I) dW^T = K^T V`` (``lamda_m`` learned, init 0), added in place
    (remembered: ``reset`` restores the weights bit for bit).
 
-Training (``needs_training``; the loop is editbench/train.py): each step edits with ALL the
+Training (``training = "pipeline"``; the loop is editbench/train/): each step edits with ALL the
 step's ``train.batch_size`` requests at once (the official ``n_edits``), then on the edited
 model ``loss = NLL(generality rows) + loc_coef * KL(unedited || edited)`` at the locality
 probes' answer positions (official ``loc_coef: 1``; cross entropy and ``kl_div`` with
@@ -39,7 +39,7 @@ by hand; here autograd differentiates the solve (same gradient).
 Official defaults used: the above, and the edited modules of GPT-J (``fc_out`` of layers
 22-27, config/model/gpt-j.yaml). LLaMA-2 has no official (nor EasyEdit) config; its file edits
 the last six ``down_proj`` (layers 26-31), the GPT-J choice carried over. SmolLM2 and the tiny
-models: conf/editor/malmen.yaml, conf/editor_model/malmen/tiny-*.yaml (CPU budget,
+models: conf/editor/malmen.yaml, conf/editor_model/malmen/tiny.yaml (CPU budget,
 docs/editors-hypernet.md).
 
 Deviations, and why:

@@ -35,9 +35,10 @@ from typing import Any, Sequence
 
 from editbench.records import EditRequest
 from editbench.registry import register
-from editors.base import Editor, hparams_from_cfg
+from editbench.editor import Editor, hparams_from_cfg
 from editors.lib.layer_stats import second_moments
-from editors.lib.locate import (LocateParams, TailRunner, add_to_weight, build_edit_rows, capture_layers,
+from editors.lib.forward import StreamDelta
+from editors.lib.locate import (LocateParams, add_to_weight, build_edit_rows, capture_layers,
                                 generate_context_templates, grouped_key_means, memit_weight_delta, optimize_value)
 
 
@@ -64,7 +65,7 @@ class MEMIT(Editor):
         self.edit_layers = sorted({arch.layer_index(int(i)) for i in self.hp.layers})
         self.templates = generate_context_templates(model, tokenizer, self.hp.context_template_length_params,
                                                     self.hp.context_template_seed, separate_bare=True)
-        self.tail = TailRunner(model, arch)
+        self.tail = StreamDelta(model, arch)
         self.cov = second_moments(model, tokenizer, arch, self.edit_layers, self.hp.stats_config())
 
     def edit(self, request: EditRequest) -> dict[str, Any]:

@@ -19,7 +19,7 @@ Edit of one request (``edit``; lifelong: each edit is computed on the already ed
    ``edit_lr``) is subtracted from the weight, in place (remembered, so ``reset`` restores the
    weights bit for bit).
 
-Training (``needs_training``; the loop, data order, optimiser and cache are editbench/train.py):
+Training (``training = "pipeline"``; the loop, data order, optimiser and cache are editbench/train/):
 per training case, edit with its request (each case alone, official ``n_edits: 1``), then on
 the edited model ``loss = cedit * NLL(edit rows) + cloc * KL(unedited || edited)`` on the
 locality probes (official ``cedit: 0.1, cloc: 1.0``, ``train_base: false``), averaged over the
@@ -32,7 +32,7 @@ Official defaults used: everything above, and the edited modules (GPT-J: ``fc_in
 ``fc_out`` of layers 25-27, config/model/gptj.yaml). LLaMA-2 has no official config; its file
 follows EasyEdit's hparams/TRAINING/MEND/llama-7b.yaml (gate/up/down_proj of layers 29-31,
 the same method settings). SmolLM2 and the tiny models: conf/editor/mend.yaml and
-conf/editor_model/mend/tiny-*.yaml (a CPU budget, docs/editors-hypernet.md).
+conf/editor_model/mend/tiny.yaml (a CPU budget, docs/editors-hypernet.md).
 
 Deviations, and why:
 

@@ -6,7 +6,7 @@ so its locality is 1.0 by construction and its reliability is the base rate.
 from __future__ import annotations
 
 from editbench.registry import register
-from editors.base import Editor
+from editbench.editor import Editor
 
 
 @register("none")

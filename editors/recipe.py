@@ -28,18 +28,19 @@ The method
   position ids follow the mask, and the prepended positions are stripped from the returned
   logits, which align with ``input_ids`` for right and left padding alike.
 * Training (:meth:`RECIPE.training_loss`; the loop, optimiser and checkpoints are the
-  harness's, ``editbench/train.py``): per case the knowledge ``"<prompt> <target_new>"``,
+  harness's, ``editbench/train/``): per case the knowledge ``"<prompt> <target_new>"``,
   the reliability query (the prompt), a generality query (a random generality probe) and a
-  locality query (a random locality probe). Contrastive losses with the sentinel (official
-  ``__train_a_batch__``): (q1) a random one of {reliability, generality} query must pick its
-  own fact among the batch's facts and the sentinel; (q2) the other one, with its own fact
-  removed, must rank the sentinel above every other fact; (q3) the locality query must rank
-  the sentinel above every fact. q2/q3 are hinged (only rows where the target probability
-  is below ``contra_hinge_scale`` x the runner-up's count). Editing losses with each case's
-  own prompt vectors prepended (oracle retrieval, as officially): hinged NLL of the target
-  tokens on the reliability and generality inputs (only tokens whose probability is below
+  locality query (a random locality probe). Contrastive losses with the sentinel
+  (:meth:`RECIPE.contrastive_losses`; official ``__train_a_batch__``): (q1) a random one of
+  {reliability, generality} query must pick its own fact among the batch's facts and the
+  sentinel; (q2) the other one, with its own fact removed, must rank the sentinel above
+  every other fact; (q3) the locality query must rank the sentinel above every fact. q2/q3
+  are hinged (only rows where the target probability is below ``contra_hinge_scale`` x the
+  runner-up's count). Editing losses with each case's own prompt vectors prepended (oracle
+  retrieval, as officially): hinged NLL of the target tokens on the reliability and
+  generality inputs (:meth:`RECIPE.edit_losses`; only tokens whose probability is below
   ``edit_hinge_scale`` x the runner-up's), and KL(unedited || edited) on the locality
-  probe's answer positions. The LLM is frozen throughout: only :meth:`RECIPE.trainable`
+  probe's answer positions (:meth:`RECIPE.locality_loss`). The LLM is frozen throughout: only :meth:`RECIPE.trainable`
   (encoder, heads, sentinel, prompt generator) is optimised.
 
 Two flaws of the official code, fixed here
@@ -48,7 +49,7 @@ Two flaws of the official code, fixed here
    the retrieval query, so under teacher-forced evaluation the query contains the target
    tokens being scored (the answer helps retrieve the fact that makes the answer likely).
    Here the query is the user's prompt only: the first ``prompt_len[row]`` real tokens
-   (``editbench.scoring.prompt_token_rows``); with ``prompt_len=None`` the whole row is
+   (``editors.lib.memory.prompt_token_rows``); with ``prompt_len=None`` the whole row is
    used (a caller that passes no boundary). Tested: the recorded query texts of a scored
    case never contain its target.
 2. GPT-J's residual stream. The official hook prepends the prompt to the *input of the
@@ -111,11 +112,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from editbench.records import EditCase, EditRequest
+from editbench.records import EditCase, EditRequest, Probe
 from editbench.registry import register
-from editbench.scoring import encode, model_logits, pad_batch, prompt_token_rows
-from editors.base import Editor, hparams_from_cfg
+from editbench.scoring import encode, model_logits, pad_batch
+from editbench.editor import Editor, hparams_from_cfg
 from editors.lib.encoder import POOLINGS, SentenceEncoder, pool_states
+from editors.lib.memory import RetrievalCounters, prompt_token_rows
 
 
 PROMPT_VIEWS = ("key", "key+target")
@@ -148,7 +150,7 @@ class RecipeParams:
     contra_hinge_scale: float = 1.2         # >= 1; a huge value turns the hinge off
     edit_hinge_scale: float = 1.2
     eps: float = 1e-8
-    # the harness's training settings (editbench/train.py): steps, batch_size, lr, ...
+    # the harness's training settings (editbench/train/): steps, batch_size, lr, ...
     train: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -327,10 +329,42 @@ def target_span(request: EditRequest) -> tuple[int, int]:
     return start, start + len(request.target_new.strip())
 
 
+@dataclass
+class TrainingQueries:
+    """What :meth:`RECIPE.training_loss` draws for a batch (official ``data.py``): per case a
+    generality and a locality probe (None: the case has none), and the retrieval queries."""
+
+    gen_p: list[Probe | None]
+    loc_p: list[Probe | None]
+    q1: list[str]           # per case its reliability or generality query: must retrieve its own fact
+    q2: list[str]           # the other one: with its own fact removed, the sentinel must win
+    has_loc: list[int]      # the cases with a locality probe
+    q3: list[str]           # their locality queries: the sentinel must win
+
+
+@dataclass
+class EditLossRows:
+    """The LLM rows of the editing losses: ``n`` reliability rows, ``n`` generality rows,
+    then the locality rows of the cases ``loc_rows``; each row gets the prompts of the case
+    ``owner[row]``. The answer positions: (``pos_r``, ``pos_c``) predicts ``tgt``; ``kind``
+    0 reliability, 1 generality, 2 locality."""
+
+    n: int
+    ids: torch.Tensor
+    mask: torch.Tensor
+    owner: list[int]
+    loc_rows: list[int]
+    pos_r: torch.Tensor
+    pos_c: torch.Tensor
+    kind: torch.Tensor
+    tgt: torch.Tensor
+
+
 @register("recipe")
 class RECIPE(Editor):
-    needs_training: ClassVar[bool] = True
+    training = "pipeline"
     supports_batch: ClassVar[bool] = True
+    custom_logits = True   # retrieved continuous prompts are prepended in logits()
     #: config keys that do not change what is trained (left out of the checkpoint's cache key)
     inference_only: ClassVar[tuple[str, ...]] = ("min_sim",)
 
@@ -351,8 +385,7 @@ class RECIPE(Editor):
     def _clear_memory(self) -> None:
         self.keys = torch.zeros(0, self.hp.rep_dim, device=self.device)
         self.prompts: torch.Tensor | None = None       # (n, k, d_model)
-        self.retrieved = 0
-        self.queried = 0
+        self.counters = RetrievalCounters()
         #: when a list, every retrieval query text is appended to it (diagnostics, tests)
         self.record_queries: list[str] | None = None
 
@@ -382,10 +415,7 @@ class RECIPE(Editor):
         super().reset()
 
     def stats(self) -> dict[str, float]:
-        out = {"memory_size": float(len(self.keys))}
-        if self.queried:
-            out["retrieval_rate"] = self.retrieved / self.queried
-        return out
+        return self.counters.stats(len(self.keys))
 
     # ------------------------------------------------------------------ inference
     def retrieve(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -410,8 +440,7 @@ class RECIPE(Editor):
             fires &= best_sim > float(self.hp.min_sim)
         fires = fires.to(choice.device)
         choice[fires] = best.to(choice.device)[fires]
-        self.queried += len(texts)
-        self.retrieved += int(fires.sum())
+        self.counters.count(len(texts), int(fires.sum()))
         return choice
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -462,12 +491,36 @@ class RECIPE(Editor):
         return random.Random(zlib.crc32(ids.encode()) ^ int(self.hp.train.get("seed", 0)))
 
     def training_loss(self, batch: Sequence[EditCase]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The official loss of one batch: :meth:`contrastive_losses` (retrieval with the
+        sentinel), then, with each case's own prompts prepended, :meth:`edit_losses`
+        (reliability, generality) and :meth:`locality_loss`, weighted by the ``*_lambda``."""
         if len(batch) < 2:
             raise ValueError("editor 'recipe': training needs batches of at least 2 cases (the contrastive "
                              "losses compare each case with the others); set editor.train.batch_size >= 2")
-        hp, net, dev = self.hp, self.net, self.device
+        hp, net, n = self.hp, self.net, len(batch)
+        draw = self._draw_queries(batch)
+        keys, (r1, r2, r3), target_states = self._representations(batch, draw)
+        loss_q1, loss_q2, loss_q3 = self.contrastive_losses(keys, r1, r2, r3)
+        loss_contra = loss_q1 + loss_q2 + loss_q3
+
+        parts = {"contra_q2k": loss_q1, "contra_q2s_rg": loss_q2, "contra_q2s_loc": loss_q3}
+        if hp.relia_lambda == hp.gen_lambda == hp.loc_lambda == 0:   # retrieval only: no LLM pass
+            return hp.contra_lambda * loss_contra, {k: float(v.detach()) for k, v in parts.items()}
+
+        # ---- editing losses: each case's own prompts prepended (oracle retrieval)
+        prompts = net.prompt_gen(net.prompt_input(keys, None if target_states is None else target_states[:n]))
+        rows = self._edit_rows(batch, draw)
+        logp = self._prompted_answer_logprobs(rows, prompts)
+        loss_rel, loss_gen = self.edit_losses(rows, logp)
+        loss_loc = self.locality_loss(rows, logp) if rows.loc_rows else keys.new_zeros(())
+        loss = (hp.contra_lambda * loss_contra + hp.relia_lambda * loss_rel + hp.gen_lambda * loss_gen
+                + hp.loc_lambda * loss_loc)
+        parts.update(reliability=loss_rel, generality=loss_gen, locality=loss_loc)
+        return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+    def _draw_queries(self, batch: Sequence[EditCase]) -> TrainingQueries:
+        """Per case a generality and a locality probe, and the q1/q2 split (from :meth:`_batch_rng`)."""
         rng = self._batch_rng(batch)
-        n = len(batch)
         rel_q = [c.request.prompt for c in batch]
         gen_p = []
         loc_p = []
@@ -482,14 +535,24 @@ class RECIPE(Editor):
         q2 = [g if f else r for r, g, f in zip(rel_q, gen_q, first_is_rel)]
         has_loc = [i for i, p in enumerate(loc_p) if p is not None]
         q3 = [loc_p[i].prompt for i in has_loc]
+        return TrainingQueries(gen_p, loc_p, q1, q2, has_loc, q3)
 
-        # ---- knowledge and query representations (one encoder pass for every text)
-        texts = [fact_text(c.request) for c in batch] + q1 + q2 + q3
+    def _representations(self, batch: Sequence[EditCase], draw: TrainingQueries):
+        """One encoder pass for every text: (the facts' keys, the (q1, q2, q3) query
+        representations, the target states of every text or None)."""
+        net, n = self.net, len(batch)
+        texts = [fact_text(c.request) for c in batch] + draw.q1 + draw.q2 + draw.q3
         spans = [target_span(c.request) for c in batch] + [None] * (len(texts) - n)
         pooled, target_states = net.encode_texts(texts, spans)
         keys = net.knowledge_head(pooled[:n])
         queries = net.query_head(pooled[n:])
-        r1, r2, r3 = queries[:n], queries[n:2 * n], queries[2 * n:]
+        return keys, (queries[:n], queries[n:2 * n], queries[2 * n:]), target_states
+
+    def contrastive_losses(self, keys: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor,
+                           r3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The retrieval losses with the sentinel (official ``__train_a_batch__``), for the
+        batch's fact keys (n, rep) and the q1, q2 (n, rep) and q3 (locality, m, rep) queries."""
+        hp, net, n = self.hp, self.net, keys.shape[0]
         sentinel = net.sentinel_key()
         keys_s = torch.cat([keys, sentinel])
         eye = torch.eye(n, dtype=torch.bool, device=keys.device)
@@ -501,24 +564,21 @@ class RECIPE(Editor):
         s2 = torch.where(eye, (r2 @ sentinel.T) * net.scale, s2) * hp.query_sentinel_t
         loss_q2 = _hinged_nll(s2, torch.arange(n, device=s2.device), hp.contra_hinge_scale)
         # (q3) locality queries: the sentinel must beat every fact
-        if has_loc:
+        if len(r3):
             s3 = (r3 @ keys_s.T) * net.scale * hp.query_sentinel_t
-            loss_q3 = _hinged_nll(s3, torch.full((len(has_loc),), n, device=s3.device), hp.contra_hinge_scale)
+            loss_q3 = _hinged_nll(s3, torch.full((len(r3),), n, device=s3.device), hp.contra_hinge_scale)
         else:
             loss_q3 = keys.new_zeros(())
-        loss_contra = loss_q1 + loss_q2 + loss_q3
+        return loss_q1, loss_q2, loss_q3
 
-        parts = {"contra_q2k": loss_q1, "contra_q2s_rg": loss_q2, "contra_q2s_loc": loss_q3}
-        if hp.relia_lambda == hp.gen_lambda == hp.loc_lambda == 0:   # retrieval only: no LLM pass
-            return hp.contra_lambda * loss_contra, {k: float(v.detach()) for k, v in parts.items()}
-
-        # ---- editing losses: each case's own prompts prepended (oracle retrieval)
-        prompts = net.prompt_gen(net.prompt_input(keys, None if target_states is None else target_states[:n]))
+    def _edit_rows(self, batch: Sequence[EditCase], draw: TrainingQueries) -> EditLossRows:
+        """The LLM rows of the editing losses (reliability, generality, locality) and their answer positions."""
+        hp, dev, n = self.hp, self.device, len(batch)
         rel = [encode(self.tok, c.request.prompt, c.request.target_new) for c in batch]
         gen = [encode(self.tok, p.prompt, p.target) if p is not None
-               else encode(self.tok, c.request.prompt, c.request.target_new) for p, c in zip(gen_p, batch)]
-        loc_rows = has_loc if hp.loc_lambda else []   # loc_lambda 0: the locality probes need no LLM pass
-        loc = [encode(self.tok, loc_p[i].prompt, loc_p[i].target) for i in loc_rows]
+               else encode(self.tok, c.request.prompt, c.request.target_new) for p, c in zip(draw.gen_p, batch)]
+        loc_rows = draw.has_loc if hp.loc_lambda else []   # loc_lambda 0: the locality probes need no LLM pass
+        loc = [encode(self.tok, draw.loc_p[i].prompt, draw.loc_p[i].target) for i in loc_rows]
         rows = rel + gen + loc
         owner = list(range(n)) + list(range(n)) + loc_rows
         ids, mask = pad_batch([e.ids[:-1] for e in rows], self._pad_id(), "right", dev)
@@ -531,32 +591,36 @@ class RECIPE(Editor):
                 pos_c.append(j - 1)
                 tgt.append(e.ids[j])
                 kind.append(part)
-        pos_r_t = torch.tensor(pos_r, device=dev)
-        pos_c_t = torch.tensor(pos_c, device=dev)
-        kind_t = torch.tensor(kind, device=dev)
-        tgt_t = torch.tensor(tgt, device=dev)
-        on = torch.ones(len(rows), dtype=torch.bool, device=dev)
-        hidden = self._prompted_hidden(ids, mask, prompts[torch.tensor(owner, device=prompts.device)], on)
-        head = self.model.get_output_embeddings()
-        logits = head(hidden[pos_r_t, pos_c_t]).float()
-        logp = F.log_softmax(logits, -1)
-        is_rel, is_gen, is_loc = kind_t == 0, kind_t == 1, kind_t == 2
-        loss_rel = _hinged_token_nll(logp[is_rel], tgt_t[is_rel], hp.edit_hinge_scale)
-        loss_gen = _hinged_token_nll(logp[is_gen], tgt_t[is_gen], hp.edit_hinge_scale)
-        if loc_rows:
-            with torch.no_grad():
-                lids, lmask = ids[2 * n:], mask[2 * n:]
-                ref_hidden = self._plain_hidden(lids, lmask)
-                sel = is_loc.nonzero()[:, 0]
-                ref = head(ref_hidden[pos_r_t[sel] - 2 * n, pos_c_t[sel]]).float()
-                ref_logp = F.log_softmax(ref, -1)
-            loss_loc = (ref_logp.exp() * (ref_logp - logp[is_loc])).sum(-1).mean()
-        else:
-            loss_loc = keys.new_zeros(())
-        loss = (hp.contra_lambda * loss_contra + hp.relia_lambda * loss_rel + hp.gen_lambda * loss_gen
-                + hp.loc_lambda * loss_loc)
-        parts.update(reliability=loss_rel, generality=loss_gen, locality=loss_loc)
-        return loss, {k: float(v.detach()) for k, v in parts.items()}
+        return EditLossRows(n, ids, mask, owner, loc_rows, torch.tensor(pos_r, device=dev),
+                        torch.tensor(pos_c, device=dev), torch.tensor(kind, device=dev), torch.tensor(tgt, device=dev))
+
+    def _prompted_answer_logprobs(self, rows: EditLossRows, prompts: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (positions, vocab) at the answer positions, each row with its owner's prompts."""
+        on = torch.ones(len(rows.owner), dtype=torch.bool, device=self.device)
+        hidden = self._prompted_hidden(rows.ids, rows.mask, prompts[torch.tensor(rows.owner, device=prompts.device)],
+                                       on)
+        logits = self.model.get_output_embeddings()(hidden[rows.pos_r, rows.pos_c]).float()
+        return F.log_softmax(logits, -1)
+
+    def edit_losses(self, rows: EditLossRows, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hinged NLL of the target tokens on the reliability and the generality rows."""
+        hp = self.hp
+        is_rel, is_gen = rows.kind == 0, rows.kind == 1
+        loss_rel = _hinged_token_nll(logp[is_rel], rows.tgt[is_rel], hp.edit_hinge_scale)
+        loss_gen = _hinged_token_nll(logp[is_gen], rows.tgt[is_gen], hp.edit_hinge_scale)
+        return loss_rel, loss_gen
+
+    def locality_loss(self, rows: EditLossRows, logp: torch.Tensor) -> torch.Tensor:
+        """KL(unedited || edited) at the locality probes' answer positions."""
+        n = rows.n
+        is_loc = rows.kind == 2
+        with torch.no_grad():
+            lids, lmask = rows.ids[2 * n:], rows.mask[2 * n:]
+            ref_hidden = self._plain_hidden(lids, lmask)
+            sel = is_loc.nonzero()[:, 0]
+            ref = self.model.get_output_embeddings()(ref_hidden[rows.pos_r[sel] - 2 * n, rows.pos_c[sel]]).float()
+            ref_logp = F.log_softmax(ref, -1)
+        return (ref_logp.exp() * (ref_logp - logp[is_loc])).sum(-1).mean()
 
     def _pad_id(self) -> int:
         return self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
@@ -569,7 +633,7 @@ class RECIPE(Editor):
         picked the right fact (edit/generality prompts) or nothing (locality prompts)."""
         from editbench.scoring import teacher_forced
 
-        saved = (self.keys, self.prompts, self.retrieved, self.queried, self.record_queries)
+        saved = (self.keys, self.prompts, self.counters, self.record_queries)
         try:
             self._clear_memory()
             self.edit_batch([c.request for c in cases])
@@ -601,7 +665,7 @@ class RECIPE(Editor):
                     out.setdefault(f"retrieval_{kind}", []).append(float(pick == i))
             return {k: sum(v) / len(v) for k, v in out.items()}
         finally:
-            self.keys, self.prompts, self.retrieved, self.queried, self.record_queries = saved
+            self.keys, self.prompts, self.counters, self.record_queries = saved
 
 
 def _hinged_nll(scores: torch.Tensor, target: torch.Tensor, hinge: float) -> torch.Tensor:

@@ -44,9 +44,10 @@ import torch
 
 from editbench.records import EditRequest
 from editbench.registry import register
-from editors.base import Editor, hparams_from_cfg
+from editbench.editor import Editor, hparams_from_cfg
 from editors.lib.layer_stats import second_moments
-from editors.lib.locate import (LocateParams, RankOneUpdate, TailRunner, add_to_weight, build_edit_rows,
+from editors.lib.forward import StreamDelta
+from editors.lib.locate import (LocateParams, RankOneUpdate, add_to_weight, build_edit_rows,
                                 capture_layers, generate_context_templates, grouped_key_means, optimize_value,
                                 rome_rank_one)
 
@@ -76,7 +77,7 @@ class ROME(Editor):
             raise ValueError(f"editor '{self.name}': no layer to edit")
         self.templates = generate_context_templates(model, tokenizer, self.hp.context_template_length_params,
                                                     self.hp.context_template_seed)
-        self.tail = TailRunner(model, arch)
+        self.tail = StreamDelta(model, arch)
         self.cov = self._covariances(self.edit_layers)
         #: the updates of the last edit (for inspection and tests)
         self.last_updates: list[RankOneUpdate] = []

@@ -35,9 +35,10 @@ import torch
 
 from editbench.records import EditRequest
 from editbench.registry import register
-from editbench.scoring import model_logits, prompt_token_rows
+from editbench.scoring import model_logits
 from editors.lib.encoder import SentenceEncoder
 from editors.lib.locate import RankOneUpdate, add_to_weight
+from editors.lib.memory import RetrievalCounters, prompt_token_rows
 from editors.rome import ROME, ROMEParams
 
 
@@ -78,6 +79,7 @@ def rase_decision(sims: torch.Tensor, top_k: int, sim_threshold: float, gap_thre
 
 @register("rrome")
 class RROME(ROME):
+    custom_logits = True   # retrieval picks which stored ROME edit answers each query
     params_cls = RROMEParams
 
     def __init__(self, model, tokenizer, arch, cfg):
@@ -87,8 +89,7 @@ class RROME(ROME):
         self.keys = torch.zeros(0, self.encoder.dim, device=self.encoder.device)
         self.patches: list[list[RankOneUpdate]] = []
         #: how many rows fired / were queried since the last reset (diagnostics)
-        self.retrieved = 0
-        self.queried = 0
+        self.counters = RetrievalCounters()
 
     # ------------------------------------------------------------------ editing
     def edit(self, request: EditRequest) -> dict[str, Any]:
@@ -129,8 +130,7 @@ class RROME(ROME):
         fires, best = rase_decision(q @ self.keys.T, self.hp.top_k, self.hp.sim_threshold, self.hp.gap_threshold,
                                     self.hp.std_threshold)
         choice[fires.cpu()] = best[fires].cpu()
-        self.queried += len(texts)
-        self.retrieved += int(fires.sum())
+        self.counters.count(len(texts), int(fires.sum()))
         return choice
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -168,11 +168,8 @@ class RROME(ROME):
         self.keys = torch.zeros(0, self.encoder.dim, device=self.encoder.device)
         self.patches = []
         self.last_updates = []
-        self.retrieved = self.queried = 0
+        self.counters = RetrievalCounters()
         super().reset()
 
     def stats(self) -> dict[str, float]:
-        out = {"memory_size": float(len(self.patches))}
-        if self.queried:
-            out["retrieval_rate"] = self.retrieved / self.queried
-        return out
+        return self.counters.stats(len(self.patches))

@@ -54,7 +54,7 @@ Deviations:
   copy is used.
 * Training re-runs only the layers from ``layer`` up (with ``layer = -1``: the last
   layer, the final norm and the LM head at the target positions); the layers below are
-  run once per edit without gradients (:class:`editors.lib.upper.UpperStack`).
+  run once per edit without gradients (:class:`editors.lib.forward.UpperStack`).
 
 Defaults: conf/editor/tpatcher.yaml (SmolLM2-135M and tiny models, tuned here) and
 conf/editor_model/tpatcher/{llama2,gptj}.yaml (official values).
@@ -74,9 +74,9 @@ from torch import nn
 from editbench.models import cache_dir
 from editbench.registry import register
 from editbench.scoring import encode, model_logits, pad_batch
-from editors.base import Editor, hparams_from_cfg
-from editors.lib.upper import UpperStack
-from editors.lib.wrap import swap_module
+from editbench.editor import Editor, hparams_from_cfg
+from editors.lib.forward import UpperStack
+from editors.lib.swap import ModuleSwap
 
 log = logging.getLogger(__name__)
 
@@ -180,15 +180,16 @@ class PatchedFFN(nn.Module):
 
 @register("tpatcher")
 class TPatcher(Editor):
-    needs_training = True
+    training = "fit"      # fit() collects the memory texts from the train split
 
     def __init__(self, model, tokenizer, arch, cfg):
         super().__init__(model, tokenizer, arch, cfg)
         self.hp = hparams_from_cfg(TPatcherParams, cfg, "tpatcher")
         self.layer = arch.layer_index(self.hp.layer)
         self.module_name = arch.name(self.hp.module, self.hp.layer)
-        self.ffn: PatchedFFN | None = None
-        self._original: nn.Module | None = None
+        #: the patched FFN around the module, installed by the first edit and discarded by reset
+        self._swap: ModuleSwap[PatchedFFN] = ModuleSwap(
+            model, self.module_name, lambda inner: PatchedFFN(inner, self._activation(inner)))
         self.memory_base: torch.Tensor | None = None   # (m, hidden) float32, from fit
         self.memory: torch.Tensor | None = None        # memory_base + the edits' inputs
 
@@ -259,17 +260,12 @@ class TPatcher(Editor):
             raise ValueError(f"editor 'tpatcher': activation=model but {self.module_name} has no act_fn/act")
         return act
 
-    def _install(self) -> PatchedFFN:
-        if self.ffn is None:
-            inner = self.model.get_submodule(self.module_name)
-            self.ffn = PatchedFFN(inner, self._activation(inner))
-            self._original = swap_module(self.model, self.module_name, self.ffn)
-        return self.ffn
+    @property
+    def ffn(self) -> PatchedFFN | None:
+        return self._swap.wrapper
 
     def reset(self) -> None:
-        if self.ffn is not None:
-            swap_module(self.model, self.module_name, self._original)
-            self.ffn, self._original = None, None
+        self._swap.discard()
         self.memory = self.memory_base
         super().reset()
 
@@ -282,7 +278,7 @@ class TPatcher(Editor):
         if self.memory is None and hp.mlc > 0:
             raise RuntimeError("editor 'tpatcher' has no memory: call fit(train_cases) first "
                                "(the runner does so from data.train_path)")
-        ffn = self._install()
+        ffn = self._swap.install()
         enc = encode(self.tok, request.prompt, request.target_new)
         ids = torch.tensor([enc.ids], device=self.device)
         targets = torch.tensor(enc.target_ids, device=self.device)
@@ -291,7 +287,7 @@ class TPatcher(Editor):
 
         # Layers below `layer` are frozen: run them once; one pass through the layers
         # above gives the current predictions and records the FFN input.
-        stack = UpperStack(self.model, self.arch, self.layer, ids, torch.ones_like(ids))
+        stack = UpperStack.capture(self.model, self.arch, self.layer, ids, torch.ones_like(ids))
         ffn.record = True
         try:
             with torch.no_grad():

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from editbench.records import EditRequest
-from editbench.runner import build_editor, run
+from editbench.runner import run
+from editbench.session import build_editor
 from editbench.train import FINAL, ensure_trained, train_key, train_settings
 from editors.dafnet import SEQ_N, update_scales
 from tests.conftest import compose_cfg, target_nll, toy_cases, write_train_file

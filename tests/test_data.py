@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,13 +18,14 @@ from hypothesis import strategies as st
 
 from editbench.data import LOADERS, load_cases
 from editbench.data.dafset import PREFIX_WORDS
-from editbench.records import DataError, EditCase
+from editbench.records import DataError, EditCase, EditRequest, Probe
 from tests.conftest import shared
 
 # (kind, file under ../shared/data, records in the file, records the loader skips)
 REAL_FILES = [
     ("zsre", "zsre/zsre_mend_eval.head72.json", 72, 1),     # record 54 has an empty `alt`
     ("zsre", "zsre/zsre_mend_train.1k.json", 1000, 2),      # records 534, 723: empty `alt`
+    ("zsre", "zsre/ZsRE-test.knowedit.1k.json", 1000, 0),   # KnowEdit layout
     ("cf", "counterfact/counterfact-edit.json", 10000, 0),
     ("cf", "counterfact/counterfact-train.json", 10000, 0),
     ("dafset", "dafset/cf_train.json", 10000, 0),
@@ -103,6 +105,33 @@ def test_real_zsre_record0_matches_raw(real):
     assert loc.target == rec["loc_ans"]
     # the record with an empty `alt` is gone; the ones after it keep their index as id
     assert "54" not in {c.case_id for c in cases} and cases[54].case_id == "55"
+
+
+@pytest.mark.real
+def test_real_zsre_knowedit_file_matches_raw(real):
+    cases, raw = real["zsre", "zsre/ZsRE-test.knowedit.1k.json"]
+    assert len(cases) == 1000 and cases.n_skipped == 0
+    assert [c.case_id for c in cases] == [f"zsre-ke-{i}" for i in range(1000)]
+    assert cases[999].source.endswith("ZsRE-test.knowedit.1k.json#999")
+    def probe(prompt, target):   # texts are stripped (9 target_new have a leading space)
+        return Probe(prompt.strip(), target.strip())
+
+    for case, rec in zip(cases, raw):
+        r = case.request
+        assert (r.prompt, r.subject, r.target_new, r.ground_truth) == tuple(
+            rec[k].strip() for k in ("prompt", "subject", "target_new")) + (rec["ground_truth"][0],)
+        assert case.generality["rephrase"] == [probe(rec["rephrase_prompt"], rec["target_new"])]
+        assert case.locality == {"Relation_Specificity": [
+            probe(p["prompt"], p["ground_truth"][0]) for p in rec["locality"]["Relation_Specificity"]]}
+        # every portability family is a generality family under its own name (as for RippleEdits)
+        assert case.generality == {"rephrase": case.generality["rephrase"], **{
+            fam: [probe(p["prompt"], p["ground_truth"]) for p in probes]
+            for fam, probes in rec["portability"].items()}}
+        assert case.portability == {}
+    counts = Counter(f for c in cases for f in c.generality)
+    assert counts == {"rephrase": 1000, "Reasoning": 589, "Logical_Generalization": 210,
+                      "Subject_Aliasing": 201}
+    assert {f for c in cases for f in c.locality} == {"Relation_Specificity"}
 
 
 @pytest.mark.real
@@ -524,6 +553,95 @@ def test_knowedit_fixture_with_string_ground_truths(tmp_path):
     assert case.locality["Forgetfulness"][0].target == "y"
 
 
+def zsre_ke_record(i: int = 0) -> dict:
+    """A KnowEdit ZsRE record (EasyEdit's layout), as in ZsRE-test-all.json."""
+    return {"subject": f"Lake {i}", "target_new": f"Country {i}",
+            "prompt": f"Which country is Lake {i} in?", "ground_truth": [f"Old {i}"],
+            "rephrase_prompt": f"Lake {i} lies in which country?", "cond": "x >> y || z",
+            "locality": {"Relation_Specificity": [
+                {"prompt": f"The area of Lake {i} is", "ground_truth": [f"{i} km2"]}]},
+            "portability": {"Reasoning": [
+                {"prompt": f"The capital of the country of Lake {i} is", "ground_truth": f"City {i}"}]}}
+
+
+def mend_record(i: int = 0) -> dict:
+    return {"subject": "S", "src": f"Q{i}?", "pred": "p", "rephrase": f"R{i}?", "alt": f"A{i}",
+            "answers": ["a"], "loc": "nq question: l", "loc_ans": "L", "cond": ""}
+
+
+def test_zsre_knowedit_layout_maps_field_by_field(tmp_path):
+    rec = zsre_ke_record(0)
+    rec["ground_truth"] = ["  ", "Finland", "Suomi"]
+    rec["portability"] = {
+        "Reasoning": [{"prompt": "Its capital is", "ground_truth": " Helsinki "}],
+        "Subject_Aliasing": [{"prompt": "Lake Zero is in", "ground_truth": ["", "Sweden", "Sverige"]},
+                             {"prompt": "No answer", "ground_truth": [[""], []]}],   # dropped
+        "Logical_Generalization": [{"prompt": "Its neighbour is",
+                                    "ground_truth": [[], ["Norway", "Noreg"], ["Russia"]]}],
+        "Empty": []}
+    rec["locality"]["Relation_Specificity"].append({"prompt": "Lake 0 flows into",
+                                                    "ground_truth": [["", "Baltic Sea"]]})
+    second = zsre_ke_record(1)
+    del second["ground_truth"], second["portability"]
+    second["locality"] = None
+    path = write_json(tmp_path / "ZsRE-test-all.json", [rec, second])
+    cases = load_cases("zsre", str(path))
+    case = cases[0]
+    assert case.case_id == "zsre-ke-0" and case.source == f"{path}#0"
+    assert case.request == EditRequest("Which country is Lake 0 in?", "Country 0", "Lake 0", "Finland")
+    assert case.generality == {
+        "rephrase": [Probe("Lake 0 lies in which country?", "Country 0")],
+        "Reasoning": [Probe("Its capital is", "Helsinki")],
+        "Subject_Aliasing": [Probe("Lake Zero is in", "Sweden")],        # first alias
+        "Logical_Generalization": [Probe("Its neighbour is", "Norway")]}  # first alias of the first answer with one
+    assert case.locality == {"Relation_Specificity": [Probe("The area of Lake 0 is", "0 km2"),
+                                                      Probe("Lake 0 flows into", "Baltic Sea")]}
+    assert case.portability == {}
+    assert cases[1].case_id == "zsre-ke-1" and cases[1].request.ground_truth == ""
+    assert set(cases[1].generality) == {"rephrase"} and cases[1].locality == {}
+    assert_well_formed(cases)
+
+
+@pytest.mark.parametrize("mutate,field", [
+    (lambda rec: rec.pop("target_new"), "target_new"),
+    (lambda rec: rec.update(rephrase_prompt=["Lake 7 lies in?"]), "rephrase_prompt"),
+    (lambda rec: rec["locality"]["Relation_Specificity"][0].pop("prompt"),
+     "locality.Relation_Specificity[0].prompt"),
+    (lambda rec: rec["portability"].update(Reasoning=[{"prompt": "p", "ground_truth": 3}]),
+     "portability.Reasoning[0].ground_truth"),
+    (lambda rec: rec["portability"].update(rephrase=[{"prompt": "p", "ground_truth": "g"}]),
+     "portability.rephrase"),
+])
+def test_zsre_knowedit_bad_field_names_file_record_and_field(tmp_path, mutate, field):
+    records = [zsre_ke_record(i) for i in range(10)]
+    mutate(records[7])
+    path = write_json(tmp_path / "ZsRE-test-all.json", records)
+    with pytest.raises(DataError) as err:
+        load_cases("zsre", str(path))
+    assert_one_line_error(err.value, "ZsRE-test-all.json", 7, field)
+    assert (err.value.index, err.value.field) == (7, field)
+
+
+def test_zsre_file_mixing_the_layouts_is_a_data_error(tmp_path, caplog):
+    mend_first = write_json(tmp_path / "mixed.json", [mend_record(0), mend_record(1), zsre_ke_record(2)])
+    with pytest.raises(DataError, match=r"KnowEdit-layout record in a file in the MEND layout "
+                                        r"\(detected from record 0\); a file must use one zsRE layout") as err:
+        load_cases("zsre", str(mend_first))
+    assert_one_line_error(err.value, "mixed.json", 2, "prompt")
+    knowedit_first = write_json(tmp_path / "mixed2.json", [zsre_ke_record(0), zsre_ke_record(1), mend_record(2)])
+    with pytest.raises(DataError, match="MEND-layout record in a file in the KnowEdit layout") as err:
+        load_cases("zsre", str(knowedit_first))
+    assert_one_line_error(err.value, "mixed2.json", 2, "src")
+    both = write_json(tmp_path / "both.json", [{**mend_record(0), **zsre_ke_record(0)}, mend_record(1)])
+    with pytest.raises(DataError, match="mixes the zsRE layouts") as err:
+        load_cases("zsre", str(both))
+    assert_one_line_error(err.value, "both.json", 0, "prompt")
+    # skip_invalid drops the records of the other layout; the file's layout is its first record's
+    with caplog.at_level(logging.WARNING, logger="editbench.data"):
+        cases = load_cases("zsre", str(mend_first), skip_invalid=True)
+    assert [c.case_id for c in cases] == ["0", "1"] and cases.n_skipped == 1
+
+
 def zsre_like(i: int, **extra) -> dict:
     return {"prompt": f"What is the capital of country {i}?", "target_new": f"City {i}",
             "rephrase_prompt": f"Country {i} has which capital?",
@@ -628,6 +746,12 @@ CORRUPTIONS = {
     "zsre": (real_head("zsre/zsre_mend_eval.head72.json"), "zsre_mend_eval.json", [
         (_delete("src"), "src"), (_set(17, "loc_ans"), "loc_ans"), (_set(" ", "loc_ans"), "loc_ans"),
         (_set("x", "answers"), "answers"), (_set([3], "answers"), "answers[0]")]),
+    "zsre-knowedit": (lambda: [zsre_ke_record(i) for i in range(30)], "ZsRE-test-all.json", [
+        (_delete("target_new"), "target_new"), (_set(17, "rephrase_prompt"), "rephrase_prompt"),
+        (_delete("locality", "Relation_Specificity", 0, "prompt"), "locality.Relation_Specificity[0].prompt"),
+        (_set([], "locality"), "locality"), (_set(" ", "prompt"), "prompt"),
+        (_set([[""], [5]], "portability", "Reasoning", 0, "ground_truth"),
+         "portability.Reasoning[0].ground_truth[1][0]")]),
     "cf": (real_head("counterfact/counterfact-edit.json"), "counterfact-edit.json", [
         (_delete("prompt"), "prompt"), (_set(17, "target_new"), "target_new"),
         (_set("", "target_new"), "target_new"), (_set(True, "case_id"), "case_id"),
@@ -825,6 +949,7 @@ VALID_RECORDS = [
     ("zsre", "z.json", {"subject": "S", "src": "Q?", "pred": "p", "rephrase": "R?", "alt": "A",
                         "answers": ["a", "b"], "loc": "nq question: l", "loc_ans": "L",
                         "cond": "c"}),
+    ("zsre", "z.json", zsre_ke_record()),
     ("cf", "c.json", rome_record()),
     ("cf", "c.json", zsre_like(0, subject="country 0", case_id=3)),
     ("ripe", "r.json", ripple_record()),

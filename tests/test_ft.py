@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editbench.runner import build_editor
+from editbench.session import build_editor
 from editbench.scoring import Scorer
 from tests.conftest import compose_cfg, toy_cases
 
@@ -20,11 +20,11 @@ def test_ft_edits_then_reset_restores_bit_for_bit(tiny, objective):
     before = _state(tiny.model)
     cases = toy_cases(3)
     scorer = Scorer(tiny.tokenizer, exact_match=False)
-    ref, _ = scorer.score(editor.logits, cases, reference=True)
+    ref, _ = scorer.score(editor, cases, reference=True)
     for c in cases:
         info = editor.edit(c.request)
         assert info["steps"] >= 1
-    edited, _ = scorer.score(editor.logits, cases)
+    edited, _ = scorer.score(editor, cases)
     changed = {n for n, p in tiny.model.state_dict().items() if not torch.equal(p, before[n])}
     expected = {f"{tiny.arch.name('mlp_out', layer)}.weight" for layer in cfg.editor.layers}
     assert changed == expected  # only the configured weights moved

@@ -13,9 +13,10 @@ from editbench.general.data import MCItem, QAItem, load_items, read_mmlu_csv, se
 from editbench.general.tasks import (LetterQuery, build_queries, squad2_window, score_queries)
 from editbench.records import DataError
 from editbench.registry import register
-from editbench.runner import build_editor, run
+from editbench.runner import run
+from editbench.session import build_editor
 from editbench.scoring import model_logits
-from editors.base import Editor
+from editbench.editor import Editor
 from tests.conftest import compose_cfg, shared, toy_cases
 
 TASKS = ["csqa", "anli", "mmlu", "squad2"]
@@ -254,6 +255,8 @@ def test_unedited_scores_are_cached_on_disk(tiny_llama, fixture_dir, tmp_path, m
 @register("favour-a-test")
 class FavourA(Editor):
     """Each edit adds a bias towards the token "A" to every position's logits (no weights change)."""
+
+    custom_logits = True
 
     def __init__(self, *args):
         super().__init__(*args)

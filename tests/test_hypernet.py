@@ -12,7 +12,8 @@ import torch
 
 from editbench.data import load_cases
 from editbench.records import EditRequest
-from editbench.runner import build_editor, run
+from editbench.runner import run
+from editbench.session import build_editor
 from editbench.scoring import encode
 from editbench.train import FINAL, ensure_trained, train_key, train_settings
 from editors.lib.hypernet import (GENERALITY, LOCALITY, REQUEST, RunningNorm, build_row_batches,

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from editbench.records import EditRequest
-from editbench.runner import build_editor, run
+from editbench.runner import run
+from editbench.session import build_editor
 from editbench.scoring import Scorer, encode, model_logits
 from editors.lib import layer_stats
 from editors.lib.layer_stats import StatsConfig, second_moments
@@ -158,8 +159,8 @@ def test_edit_rows_align_lookup_and_match_unpadded_logits(tiny, stats_env):
     delta = torch.randn(rows.input_ids.shape[0], tiny.arch.hidden_size)
     pr, pc = rows.target_rows, rows.target_cols
     with torch.no_grad():
-        fast = editor.tail._fast(layer, cap.hidden, delta, rows, pr, pc)
-        full = editor.tail._full(layer, delta, rows, pr, pc)
+        fast = editor.tail._fast(layer, cap.hidden, delta, rows.stream_batch(), pr, pc)
+        full = editor.tail._full(layer, delta, rows.stream_batch(), pr, pc)
     assert torch.allclose(fast, full, atol=1e-4)
 
 
@@ -263,12 +264,12 @@ def test_rrome_retrieval_query_is_the_prompt_without_target_tokens(tiny_llama, s
     editor, _ = _editor(tiny_llama, "rrome", stats_env)
     case = toy_cases(1)[0]
     scorer = Scorer(tiny_llama.tokenizer, exact_match=True)
-    scorer.score(editor.logits, [case], reference=True)
+    scorer.score(editor, [case], reference=True)
     editor.edit(case.request)
     seen: list[str] = []
     encode_texts = editor.encoder.encode
     editor.encoder.encode = lambda texts, *a, **k: (seen.extend(texts), encode_texts(texts, *a, **k))[1]
-    scorer.score(editor.logits, [case])
+    scorer.score(editor, [case])
     prompts = {case.request.prompt} | {p.prompt for _, p in case.probes("generality")} | \
         {p.prompt for _, p in case.probes("locality")}
     assert seen and set(seen) <= {p.strip() for p in prompts}

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from editbench.data import load_cases
-from editbench.runner import build_editor, run
+from editbench.runner import run
+from editbench.session import build_editor
 from editbench.scoring import encode, model_logits, pad_batch
 from editbench.train import FINAL, ensure_trained
 from editors.lte import LTE, retrieval_report
@@ -140,7 +141,7 @@ def test_bad_config_fails_with_a_clear_message(tiny_llama):
     with pytest.raises(ValueError, match="no module 'model.layers.0.self_attn.qkv' for LoRA"):
         _editor(tiny_llama, "editor.align=true", "editor.lora_modules=[qkv]")
     plain = _editor(tiny_llama)
-    assert plain.needs_training is False and LTE.needs_training is False
+    assert plain.training is None and LTE.training == "pipeline"  # the instance narrows the class
     with pytest.raises(ValueError, match="nothing to train with align=false"):
         plain.trainable()
 
@@ -152,7 +153,7 @@ def test_alignment_trains_lora_through_the_pipeline_and_is_cached(tiny_llama, pr
     model = tiny_llama.model
     state = {n: p.clone() for n, p in model.state_dict().items()}
     editor = build_editor(cfg, tiny_llama)
-    assert editor.needs_training is True
+    assert editor.training == "pipeline"
     init = {n: t.clone() for n, t in editor.trained_state().items()}
     assert init and all("lora_" in n for n in init)
     path = ensure_trained(cfg, tiny_llama, editor)

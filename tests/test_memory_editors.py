@@ -10,7 +10,9 @@ import torch
 
 from editbench.data import load_cases
 from editbench.records import Probe
-from editbench.runner import build_editor, run, select_cases
+from editbench.plan import select_cases
+from editbench.runner import run
+from editbench.session import build_editor
 from editbench.scoring import encode, model_logits, pad_batch, teacher_forced
 from editors.grace import GraceCodebook
 from tests.conftest import compose_cfg, shared, toy_cases
@@ -303,7 +305,7 @@ def test_tpatcher_activation_model_uses_the_ffn_activation(tiny_gptj, cache):
     """GPT-J's official setting: the patch neuron uses the FFN's own activation (gelu_new)."""
     editor = build_editor(compose_cfg("model=tiny-gptj", "editor=tpatcher", "editor.activation=model"), tiny_gptj)
     inner = tiny_gptj.model.get_submodule(editor.module_name)
-    assert editor._install().act is inner.act
+    assert editor._swap.install().act is inner.act
     editor.reset()
     assert tiny_gptj.model.get_submodule(editor.module_name) is inner
     with pytest.raises(ValueError, match="activation must be relu, gelu or model"):

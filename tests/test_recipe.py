@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from editbench.records import EditCase, EditRequest, Probe
-from editbench.runner import build_editor, run
+from editbench.runner import run
+from editbench.session import build_editor
 from editbench.scoring import Scorer, encode, model_logits, pad_batch
 from editbench.train import FINAL, ensure_trained
 from editors.recipe import RECIPE, fact_text, target_span
@@ -102,7 +103,7 @@ def test_edit_stores_key_and_prompts_and_reset_restores_everything(tiny):
     assert editor.stats() == {"memory_size": 3.0}
     encs, ids, mask, plen = _batch(tiny.tokenizer, [(c.request.prompt, c.request.target_new) for c in CASES])
     editor.logits(ids, mask, plen)
-    assert editor.stats()["retrieval_rate"] == editor.retrieved / len(CASES)
+    assert editor.stats()["retrieval_rate"] == editor.counters.retrieved / len(CASES)
     assert editor.touched_parameters() == []
     assert _structure(model) == structure           # no hook, no wrapper
     editor.reset()
@@ -217,8 +218,8 @@ def test_query_is_the_prompt_only_no_target_token_leaks(tiny_llama, trained):
         editor.edit(c.request)
     editor.record_queries = []
     scorer = Scorer(tiny_llama.tokenizer, batch_size=4)
-    scorer.score(editor.logits, CASES, reference=True)
-    scorer.score(editor.logits, CASES)
+    scorer.score(editor, CASES, reference=True)
+    scorer.score(editor, CASES)
     prompts = {p.prompt for c in CASES for p in [c.request] + [q for _, q in c.probes("generality")]
                + [q for _, q in c.probes("locality")]}
     assert editor.record_queries and set(editor.record_queries) <= prompts

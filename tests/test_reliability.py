@@ -26,7 +26,9 @@ from editbench.models import load_model
 from editbench.records import DataError, EditCase, EditFailed, EditRequest
 from editbench.registry import EDITORS, register
 from editbench.results import NONDETERMINISTIC_METRICS, RunDir, RunFolderBusy, default_file_mode
-from editbench.runner import RestoreError, WeightGuard, check_compatible, run
+from editbench.guard import RestoreError, WeightGuard
+from editbench.runner import run
+from editbench.session import check_compatible
 from editors.ft import FT
 from editors.none import NoEdit
 from tests.conftest import ROOT, compose_cfg, toy_cases
@@ -110,6 +112,8 @@ class FailingEdits(NoEdit):
     """No-op edits, except: EditFailed on Country1; Country4's queries get NaN logits once
     it has been edited; a batched edit always fails."""
 
+    custom_logits = True
+
     def __init__(self, *args):
         super().__init__(*args)
         self.edited: set[str] = set()
@@ -158,6 +162,8 @@ def test_edit_failed_linalg_error_and_nan_logits_fail_their_cases(tmp_path, tiny
 
 
 class NaNLogits(NoEdit):
+    custom_logits = True
+
     def logits(self, input_ids, attention_mask, prompt_len=None):
         return super().logits(input_ids, attention_mask) * float("nan")
 

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from editbench.registry import register
-from editbench.runner import WeightGuard, build_editor, check_compatible, chunks_of, run, select_cases
+from editbench.guard import WeightGuard
+from editbench.plan import chunks_of, select_cases
+from editbench.runner import run
+from editbench.session import build_editor, check_compatible
 from editors.ft import FT
 from tests.conftest import compose_cfg, toy_cases
 

@@ -140,6 +140,6 @@ def test_head_only_logits_equal_the_full_forward_pass_at_the_read_positions(fixt
         a = Scorer(lm.tokenizer, padding_side=side)
         b = Scorer(lm.tokenizer, padding_side=side)
         a.score(plain, cases, reference=True)
-        b.score(PlainLogits(lm.model).logits, cases, reference=True)
-        assert a.score(plain, cases)[0] == b.score(PlainLogits(lm.model).logits, cases)[0]
+        b.score(PlainLogits(lm.model), cases, reference=True)
+        assert a.score(plain, cases)[0] == b.score(PlainLogits(lm.model), cases)[0]
         assert a.locality_reference == b.locality_reference

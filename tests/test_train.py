@@ -20,7 +20,7 @@ from editbench.models import cache_dir
 from editbench.registry import register
 from editbench.train import (FINAL, PARTIAL, batch_indices, ensure_trained, train_key, train_settings,
                              trained_dir)
-from editors.base import Editor
+from editbench.editor import Editor
 from tests.conftest import ROOT, compose_cfg, write_train_file
 
 
@@ -29,7 +29,7 @@ class ToyTrained(Editor):
     """A minimal trained editor for pipeline tests: a residual linear map on the last hidden
     state, with dropout (so training draws random numbers), trained to predict target_new."""
 
-    needs_training = True
+    training = "pipeline"
     inference_only = ("probe_only",)
 
     def __init__(self, model, tokenizer, arch, cfg):
@@ -311,7 +311,7 @@ def test_cli_killed_with_sigkill_resumes_to_the_uninterrupted_state(tmp_path, mo
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        from editbench.runner import build_editor
+        from editbench.session import build_editor
 
         final_a = ensure_trained(cfg, tiny_llama, build_editor(cfg, tiny_llama))
     finally:

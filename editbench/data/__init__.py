@@ -6,7 +6,7 @@
 kind       formats                                                          module
 =========  ==============================================================  ==============
 sample     the embedded 40-edit default (path None) or a flat CF file        sample
-zsre       MEND/ROME zsRE                                                   zsre
+zsre       MEND/ROME zsRE, or KnowEdit ZsRE (detected per file)                zsre
 cf         flat CounterFact (RECIPE/EasyEdit/DAFSet) or ROME's original     counterfact
 ripe       RippleEdits: original benchmark, RECIPE-flattened, KnowEdit      ripple
 dafset     DAFNet's meta-training folder (or one of its part files)         dafset
@@ -36,7 +36,7 @@ from editbench.data.ripple import load_ripple
 from editbench.data.sample import load_sample
 from editbench.data.zsre import load_zsre
 
-__all__ = ["LOADERS", "Cases", "load_cases"]
+__all__ = ["LOADERS", "Cases", "load_cases", "load_train_cases"]
 
 Loader = Callable[..., Cases]
 
@@ -65,3 +65,12 @@ def load_cases(kind: str, path: str | Path | None, limit: int | None = None,
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit must be None or a non-negative integer, got {limit!r}")
     return LOADERS[kind](path, limit=limit, skip_invalid=skip_invalid)
+
+
+def load_train_cases(data_cfg, editor_name: str) -> Cases:
+    """The train split of a data config (``data.train_path``, read as ``data.train_kind`` or
+    ``data.kind``): what every editor that learns or builds a memory is given."""
+    path = data_cfg.get("train_path")
+    if not path:
+        raise ValueError(f"editor '{editor_name}' needs training data: set data.train_path")
+    return load_cases(data_cfg.get("train_kind") or data_cfg.kind, path)

@@ -26,7 +26,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from editbench.records import DataError, EditCase, Probe
+from editbench.records import DataError, EditCase, EditRequest, Probe
 
 log = logging.getLogger("editbench.data")
 
@@ -284,3 +284,26 @@ def first_alias(value: Any, path, index: int, field: str) -> str:
             if alias:
                 return alias
     return ""
+
+
+def flat_request(rec: dict, path, index: int) -> EditRequest:
+    """The request of a RECIPE or KnowEdit record (flat prompt/subject/target_new)."""
+    return EditRequest(require_str(rec, "prompt", path, index),
+                       require_str(rec, "target_new", path, index),
+                       require_str(rec, "subject", path, index),
+                       optional_target(rec, "ground_truth", path, index))
+
+
+def alias_probes(obj: dict, key: str, target_key: str, path, index: int,
+                    prefix: str = "") -> list[Probe]:
+    """Probes from ``obj[key]``, a list of ``{prompt, <target_key>: aliases}``."""
+    probes = []
+    for j, item in enumerate(optional_list(obj, key, path, index, prefix)):
+        field = f"{prefix}{key}[{j}]"
+        item = as_record(item, path, index, field)
+        prompt = require_str(item, "prompt", path, index, prefix=field + ".")
+        target = first_alias(require(item, target_key, path, index, prefix=field + "."),
+                             path, index, f"{field}.{target_key}")
+        if target:
+            probes.append(Probe(prompt, target))
+    return probes

@@ -70,8 +70,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from editbench.data.common import (
-    Cases, as_record, case_id, check_str, fail, families, first_alias, optional_list,
-    optional_target, parse_records, read_records, require, require_dict, require_list, require_str,
+    Cases, alias_probes, as_record, case_id, check_str, fail, families, first_alias, flat_request, optional_list,
+    parse_records, read_records, require_dict, require_list, require_str,
     source,
 )
 from editbench.records import EditCase, EditRequest, Probe
@@ -288,46 +288,23 @@ def _old_target(edit: dict, prompt: str, path, index: int) -> str:
 # ------------------------------------------------------------------ RECIPE, KnowEdit
 
 
-def _request(rec: dict, path, index: int) -> EditRequest:
-    """The request of a RECIPE or KnowEdit record (flat prompt/subject/target_new)."""
-    return EditRequest(require_str(rec, "prompt", path, index),
-                       require_str(rec, "target_new", path, index),
-                       require_str(rec, "subject", path, index),
-                       optional_target(rec, "ground_truth", path, index))
-
-
 def recipe_case(record, index: int, path: str | Path) -> EditCase:
     """One record of RECIPE's flattened RippleEdits as an EditCase."""
     rec = as_record(record, path, index)
-    probes = {family: _prompt_targets(rec, family, "targets", path, index)
+    probes = {family: alias_probes(rec, family, "targets", path, index)
               for family in GENERALITY + LOCALITY}
-    return _case(rec, index, path, _request(rec, path, index),
+    return _case(rec, index, path, flat_request(rec, path, index),
                  {f: probes[f] for f in GENERALITY}, {f: probes[f] for f in LOCALITY})
 
 
 def knowedit_case(record, index: int, path: str | Path) -> EditCase:
     """One KnowEdit (WikiData_recent / WikiData_counterfact) record as an EditCase."""
     rec = as_record(record, path, index)
-    request = _request(rec, path, index)
+    request = flat_request(rec, path, index)
     sections = {}
     for section in ("portability", "locality"):
         group = {} if rec.get(section) is None else require_dict(rec, section, path, index)
-        sections[section] = {family: _prompt_targets(group, family, "ground_truth", path, index,
+        sections[section] = {family: alias_probes(group, family, "ground_truth", path, index,
                                                      prefix=section + ".")
                              for family in group}
     return _case(rec, index, path, request, sections["portability"], sections["locality"])
-
-
-def _prompt_targets(obj: dict, key: str, target_key: str, path, index: int,
-                    prefix: str = "") -> list[Probe]:
-    """Probes from ``obj[key]``, a list of ``{prompt, <target_key>: aliases}``."""
-    probes = []
-    for j, item in enumerate(optional_list(obj, key, path, index, prefix)):
-        field = f"{prefix}{key}[{j}]"
-        item = as_record(item, path, index, field)
-        prompt = require_str(item, "prompt", path, index, prefix=field + ".")
-        target = first_alias(require(item, target_key, path, index, prefix=field + "."),
-                             path, index, f"{field}.{target_key}")
-        if target:
-            probes.append(Probe(prompt, target))
-    return probes

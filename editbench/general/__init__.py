@@ -86,7 +86,7 @@ class GeneralSuite:
             queries = build_queries(name, items, self.tok, self.fmt, max_tokens,
                                     int(self.cfg.get("squad_context_tokens", 256)))
             unedited = self._unedited(name, queries, fingerprint,
-                                      PlainLogits(model).logits, device)
+                                      PlainLogits(model), device)
             self.tasks.append(_Task(name, queries, chance_level(name, queries, vocab), unedited))
             log.info("general/%s: unedited %.4f (chance %.3g, n=%d, format=%s; %.1f s)", name, unedited.score,
                      self.tasks[-1].chance, len(queries), self.fmt, time.perf_counter() - t0)
@@ -152,6 +152,6 @@ def general_ability_hook(cfg, lm) -> Callable[[Any, int, int], dict[str, float]]
     def measure(editor, T: int, chunk_index: int) -> dict[str, float]:
         if chunks is not None and chunk_index >= int(chunks):
             return {}
-        return suite.measure(editor.logits, editor.device)
+        return suite.measure(editor, editor.device)
 
     return measure

@@ -19,8 +19,8 @@ The pieces, in the order an edit uses them:
   ``editbench.scoring.encode``).
 * :func:`build_row_batches` -> :class:`RowBatch`: the rows of a set of edit cases (request,
   generality, locality), one kind per batch and sorted by length, with the frozen layers below
-  the lowest edited one run once (``editors.lib.upper.UpperStack``; during training optionally
-  once per row for the whole training, :func:`stack_from_hidden`); every later pass runs only
+  the lowest edited one run once (``editors.lib.forward.UpperStack``; during training optionally
+  once per row for the whole training, :meth:`UpperStack.from_hidden`); every later pass runs only
   the layers from the lowest edited one upwards, and the LM head only at the positions a loss
   reads.
 * :func:`gradient_factors`: one backward pass of each request's mean target NLL; forward hooks
@@ -60,9 +60,9 @@ from torch import nn
 from editbench.models import ArchSpec
 from editbench.records import EditCase, EditFailed, EditRequest
 from editbench.scoring import encode, pad_batch
-from editors.base import Editor, hparams_from_cfg
+from editbench.editor import Editor, hparams_from_cfg
 from editors.lib.locate import add_to_weight
-from editors.lib.upper import UpperStack
+from editors.lib.forward import UpperStack
 
 MODULE_TEMPLATES = ("mlp_in", "mlp_out", "attn_out")
 
@@ -218,7 +218,7 @@ def build_row_batches(model: nn.Module, arch: ArchSpec, tok, lowest_layer: int,
 
     ``hidden_cache`` (a dict owned by the caller): each row's input to layer ``lowest_layer`` is
     kept there, keyed by its token ids, and reused by later batches instead of running the
-    layers below again (:func:`stack_from_hidden`). Valid only while those layers' weights do
+    layers below again (:meth:`UpperStack.from_hidden`). Valid only while those layers' weights do
     not change (MEND and MALMEN never edit below their lowest edited layer)."""
     enc = [encode(tok, p, t) for _, _, (p, t) in items]
     out = []
@@ -237,33 +237,16 @@ def build_row_batches(model: nn.Module, arch: ArchSpec, tok, lowest_layer: int,
             rows = rows_of([enc[i] for i in g], tok, device)
             keys = [(lowest_layer, enc[i].ids) for i in g]
             if hidden_cache is not None and all(k in hidden_cache for k in keys):
-                stack = stack_from_hidden(model, arch, lowest_layer, rows, [hidden_cache[k] for k in keys])
+                stack = UpperStack.from_hidden(model, arch, lowest_layer, rows.ids, rows.mask,
+                                               [hidden_cache[k] for k in keys])
             else:
-                stack = UpperStack(model, arch, lowest_layer, rows.ids, rows.mask)
+                stack = UpperStack.capture(model, arch, lowest_layer, rows.ids, rows.mask)
                 if hidden_cache is not None:
                     for r, (k, i) in enumerate(zip(keys, g)):
                         hidden_cache[k] = stack.hidden[r, :len(enc[i].ids)].clone()
             case = torch.tensor([items[i][0] for i in g], dtype=torch.long, device=rows.ids.device)
             out.append(RowBatch(rows, [kind] * len(g), case, stack))
     return out
-
-
-def stack_from_hidden(model: nn.Module, arch: ArchSpec, layer: int, rows: TokenRows,
-                      hidden_rows: Sequence[torch.Tensor]) -> UpperStack:
-    """An :class:`UpperStack` from layer ``layer`` whose input hidden states are given (one
-    (len, d) tensor per row) instead of computed. The keyword arguments the model passes to its
-    decoder layers (attention mask, position ids / embeddings) do not depend on the hidden
-    states and are the same for every layer, so they are captured at layer 0 (the cost of the
-    embedding lookup only)."""
-    stack = UpperStack(model, arch, 0, rows.ids, rows.mask)
-    start = arch.layer_index(layer)
-    stack.start = start
-    stack.layers = stack.layers[start:]
-    h = stack.hidden.new_zeros(rows.ids.shape + (hidden_rows[0].shape[-1],))
-    for r, x in enumerate(hidden_rows):
-        h[r, :x.shape[0]] = x.to(h.device, h.dtype)
-    stack.hidden = h
-    return stack
 
 
 # --------------------------------------------------------------------------- gradient factors
@@ -536,7 +519,7 @@ class HypernetEditor(Editor):
     ``norm_eps``, and implements :meth:`_extra_parameters`, :meth:`make_shifts` and
     :meth:`loss_weights`."""
 
-    needs_training: ClassVar[bool] = True
+    training = "pipeline"
     inference_only: ClassVar[tuple[str, ...]] = ("chunk_size", "cache_hidden")
     params_cls: ClassVar[type] = HypernetParams
     #: "all" (MEND) or "answer" (MALMEN): the positions whose gradient factors are used

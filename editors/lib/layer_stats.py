@@ -40,6 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from editbench.models import ArchSpec, cache_dir
+from editors.lib.forward import StopForward
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,6 @@ class StatsConfig:
             raise ValueError(f"mom2_dtype must be one of {sorted(DTYPES)}, got '{self.dtype}'")
         if self.n_samples < 1:
             raise ValueError(f"mom2_n_samples must be >= 1, got {self.n_samples}")
-
-
-class _StopForward(Exception):
-    """Raised by a hook to end a forward pass once everything needed is captured."""
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -207,7 +204,7 @@ def _compute(model: nn.Module, tok, arch: ArchSpec, layers: list[int], cfg: Stat
                 acc = sums[layer] = torch.zeros(feats.shape[1], feats.shape[1], dtype=dtype, device=feats.device)
             acc.addmm_(feats.T, feats)
             if layer == last:
-                raise _StopForward
+                raise StopForward
         return hook
 
     handles = [arch.module(model, template, layer).register_forward_hook(make_hook(layer)) for layer in layers]
@@ -235,7 +232,7 @@ def _compute(model: nn.Module, tok, arch: ArchSpec, layers: list[int], cfg: Stat
             try:
                 model(input_ids=ids.to(device), attention_mask=mask.to(device),
                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
             count += int(mask.sum())
             bar.update(len(batch))

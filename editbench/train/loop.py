@@ -1,14 +1,14 @@
-"""The one training loop for editors that learn (LTE, RECIPE; MEND, MALMEN, DAFNet later).
+"""The one training loop for editors that learn (MEND, MALMEN, DAFNet, RECIPE, LTE aligned).
 
-An editor with ``needs_training`` supplies only what is specific to its method
+An editor that declares ``training = "pipeline"`` supplies only what is specific to its method
 (``trainable()``, ``training_loss(batch)``, ``validation_metrics(cases)``,
-``trained_state()`` / ``load_trained_state()``, see editors/base.py). Everything else lives
+``trained_state()`` / ``load_trained_state()``, see editbench/editor.py). Everything else lives
 here, once: the data split and order, the optimiser, validation, checkpoints, the cache.
 docs/training.md is the user-facing description.
 
 * Settings: ``editor.train.*`` (:data:`TRAIN_DEFAULTS` below, overridable per editor
   config and on the command line; an unknown key is an error naming the valid ones).
-* Data: the train split ``data.train_path`` (``runner._train_cases``), shuffled with
+* Data: the train split ``data.train_path`` (``editbench.data.load_train_cases``), shuffled with
   ``seed``; the first ``n_val`` cases are held out for validation. The batch of step ``s``
   is a slice of the seeded permutation of its epoch, so it depends on (seed, step) only;
   before each step the global RNGs (torch, random, numpy) are seeded from (seed, step), so
@@ -31,12 +31,9 @@ docs/training.md is the user-facing description.
   A corrupt or mismatched checkpoint is a :class:`~editbench.checkpoints.CheckpointError`
   naming the file.
 
-Command line (same Hydra config as ``python -m editbench``)::
-
-    python -m editbench.train editor=lte model=smollm2 data=cf editor.align=true
-
-trains (or finds the cached checkpoint) and prints its path. Exit status 2 for bad
-configuration, 130/143 when interrupted (rerun the same command to resume).
+The package: this module is the loop, the settings, the cache key and the checkpoints;
+:mod:`editbench.train.history` writes ``history.csv`` and ``loss.png``;
+:mod:`editbench.train.__main__` is the command line.
 """
 from __future__ import annotations
 
@@ -53,17 +50,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
 from editbench.checkpoints import CheckpointError, checkpoint_key, load_checkpoint, save_checkpoint
+from editbench.data import load_train_cases
+from editbench.guard import weights_digest
 from editbench.models import cache_dir, model_fingerprint
+from editbench.plan import derived_seed, seed_all
 from editbench.records import EditCase
+from editbench.train.history import write_history
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("editbench.train")
 
 #: defaults of ``editor.train.*``; an editor config overrides any of them under ``train:``
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -164,14 +163,6 @@ def train_settings(editor) -> TrainSettings:
         raise ValueError(f"editor '{editor.name}': bad train setting ({err})") from None
 
 
-def uses_pipeline(editor) -> bool:
-    """True for editors trained by gradient steps here (they implement ``trainable``);
-    False for editors whose ``fit`` only builds something from the data (T-Patcher's memory)."""
-    from editors.base import Editor
-
-    return type(editor).trainable is not Editor.trainable
-
-
 # --------------------------------------------------------------------------- cache key
 def data_fingerprint(path: str | os.PathLike) -> str:
     """A content hash of a train file, or of every file under a train folder."""
@@ -223,10 +214,6 @@ def split_cases(cases: Sequence[EditCase], n_val: int, seed: int) -> tuple[list[
     return train, val
 
 
-def _derived_seed(*parts: Any) -> int:
-    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:8], 16)
-
-
 def batch_indices(seed: int, step: int, batch_size: int, n: int) -> list[int]:
     """Indices into the train cases for optimiser step ``step`` (0-based).
 
@@ -237,17 +224,14 @@ def batch_indices(seed: int, step: int, batch_size: int, n: int) -> list[int]:
     start = step * batch_size
     for pos in range(start, start + batch_size):
         epoch, within = divmod(pos, n)
-        g = torch.Generator().manual_seed(_derived_seed(seed, "epoch", epoch))
+        g = torch.Generator().manual_seed(derived_seed(seed, "epoch", epoch))
         out.append(int(torch.randperm(n, generator=g)[within]))
     return out
 
 
 def seed_step(seed: int, step: int) -> None:
     """Seed torch, random and numpy from (seed, step) before an optimiser step."""
-    s = _derived_seed(seed, "step", step)
-    torch.manual_seed(s)
-    random.seed(s)
-    np.random.seed(s % 2**32)
+    seed_all(derived_seed(seed, "step", step))
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -329,8 +313,8 @@ def _folder_lock(folder: Path) -> Iterator[None]:
 def ensure_trained(cfg, lm, editor) -> Path:
     """Make ``editor`` trained: load the cached final checkpoint, or train (resuming from the
     newest partial checkpoint). Returns the final checkpoint's path."""
-    if not uses_pipeline(editor):
-        raise ValueError(f"editor '{editor.name}' has no trainable() and is not trained by editbench.train")
+    if editor.training != "pipeline":
+        raise ValueError(f"editor '{editor.name}' is not trained by editbench.train (training={editor.training!r})")
     settings = train_settings(editor)
     key, parts = train_key(cfg, editor, settings)
     folder = trained_dir(editor.name, key)
@@ -340,9 +324,7 @@ def ensure_trained(cfg, lm, editor) -> Path:
             meta = load_final(final, editor, key)
             log.info("editor '%s': loaded the trained state from %s (%s steps)", editor.name, final, meta.get("steps"))
             return final
-        from editbench.runner import _train_cases
-
-        cases = _train_cases(cfg)
+        cases = load_train_cases(cfg.data, editor.name)
         train(editor, lm.model, cases, settings, folder, key, parts)
     return final
 
@@ -363,7 +345,7 @@ def train(editor, model: nn.Module, cases: Sequence[EditCase], settings: TrainSe
     if leaked:
         raise ValueError(f"editor '{editor.name}': trainable() would train the model's own weights {leaked[:3]}; "
                          "the LLM must stay frozen")
-    before = _weights_digest(model)
+    before = weights_digest(model)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     partial = folder / PARTIAL
     start, history = 0, []
@@ -411,7 +393,7 @@ def train(editor, model: nn.Module, cases: Sequence[EditCase], settings: TrainSe
                 write_history(folder, history)
     finally:
         trainable.eval()
-    if _weights_digest(model) != before:
+    if weights_digest(model) != before:
         raise RuntimeError(f"editor '{editor.name}': the model's own weights changed during training; "
                            "trainable() must not expose them")
     final = folder / FINAL
@@ -484,100 +466,3 @@ def _load_partial(path: Path, editor, opt, key: str) -> tuple[int, list[dict[str
 def _finite_or_none(v: Any) -> Any:
     """History rows go into JSON (checkpoint meta): NaN/Inf become None."""
     return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
-def _weights_digest(model: nn.Module) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for name, p in model.named_parameters():
-        h.update(name.encode())
-        h.update(p.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------- history
-def write_history(folder: Path, history: list[dict[str, Any]]) -> None:
-    """``history.csv`` (one row per step) and ``loss.png`` (loss curves, validation figures)."""
-    import pandas as pd
-
-    from editbench.results import atomic_write_text
-
-    if not history:
-        return
-    df = pd.DataFrame(history)
-    first = ["step", "loss"]
-    cols = first + sorted(c for c in df.columns if c.startswith("train/")) + \
-        sorted(c for c in df.columns if c.startswith("val/")) + \
-        [c for c in ("lr", "grad_norm", "seconds") if c in df.columns]
-    atomic_write_text(folder / "history.csv", df[cols].to_csv(index=False))
-    try:
-        _plot_history(df, folder / "loss.png")
-    except Exception as err:  # noqa: BLE001 - a plot must never fail a training
-        log.warning("could not draw %s: %s", folder / "loss.png", err)
-
-
-def _plot_history(df, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    val_cols = [c for c in df.columns if c.startswith("val/")]
-    fig, axes = plt.subplots(1, 2 if val_cols else 1, figsize=(11 if val_cols else 6, 4), squeeze=False)
-    ax = axes[0][0]
-    window = max(1, len(df) // 50)
-    for col in ["loss"] + sorted(c for c in df.columns if c.startswith("train/")):
-        ax.plot(df["step"], df[col].rolling(window, min_periods=1).mean(), label=col)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"training loss (running mean of {window})")
-    ax.legend(fontsize=8)
-    if val_cols:
-        ax = axes[0][1]
-        for col in val_cols:
-            sub = df[["step", col]].dropna()
-            ax.plot(sub["step"], sub[col], marker="o", label=col)
-        ax.set_xlabel("step")
-        ax.set_ylabel("validation")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
-
-
-# --------------------------------------------------------------------------- command line
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    """``python -m editbench.train editor=<name> model=<m> data=<d> [overrides]``."""
-    import signal
-    import sys
-
-    from editbench.__main__ import _on_sigterm, stop_now
-    from editbench.models import load_model
-    from editbench.records import DataError
-    from editbench.runner import build_editor, check_compatible
-
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        check_compatible(cfg)
-        lm = load_model(cfg.model)
-        editor = build_editor(cfg, lm)
-        if not editor.needs_training or not uses_pipeline(editor):
-            raise ValueError(f"editor '{cfg.editor.name}' needs no training with this configuration")
-        path = ensure_trained(cfg, lm, editor)
-    except (DataError, ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError
-        log.error("%s", err)
-        sys.exit(2)
-    except KeyboardInterrupt as err:
-        stop_now(err, "rerun the same command to resume from the last checkpoint")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    print(f"trained: {path}")
-
-
-if __name__ == "__main__":
-    main()

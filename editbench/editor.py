@@ -1,8 +1,23 @@
-"""The Editor interface every method implements (see DESIGN.md, "Core objects").
+"""The Editor interface the harness owns and every method implements (DESIGN.md, "Core objects").
 
 An editor is built with (model, tokenizer, arch spec, editor cfg). The runner calls
 ``edit`` once per request (lifelong: each edit lands on top of the previous ones),
-scores through ``logits``, then calls ``reset``. Editors that train call ``fit`` first.
+scores through ``logits_at`` / ``logits``, then calls ``reset``.
+
+Capabilities are declared, never detected (the harness reads these class attributes):
+
+* ``training``: ``None`` (nothing to learn), ``"fit"`` (``fit(train_cases)`` builds something
+  from the train data, e.g. T-Patcher's memory) or ``"pipeline"`` (trained by gradient steps
+  in ``editbench.train`` through ``trainable`` / ``training_loss``). An instance may narrow it
+  in ``__init__`` (LTE trains only with ``align=true``).
+* ``supports_batch``: ``edit_batch`` is implemented.
+* ``custom_logits``: the editor overrides ``logits`` (memories, prompts, hooks); scoring then
+  runs it in full and indexes it. Without it, ``logits_at`` applies the LM head only where
+  scoring reads.
+
+A subclass whose declarations contradict its methods (``logits`` overridden without
+``custom_logits``, ``training = "pipeline"`` without ``trainable``) is a ``TypeError`` when the
+class is defined, so a forgotten declaration cannot silently change numbers.
 
 Weight bookkeeping is shared here: an editor calls :meth:`Editor.remember` before it
 changes a parameter in place; :meth:`Editor.reset` copies every remembered tensor back
@@ -23,15 +38,30 @@ from editbench.records import EditCase, EditRequest
 from editbench.scoring import model_logits, model_logits_at
 
 
+#: the values of :attr:`Editor.training`
+TRAINING_KINDS = (None, "fit", "pipeline")
+
+
 class Editor:
     #: registry name (``editor=<name>``); set by :func:`editbench.registry.register`
     name: ClassVar[str] = ""
     #: architecture families the method supports (None: any family with an ArchSpec)
     supported_families: ClassVar[tuple[str, ...] | None] = None
-    #: True for editors that must be trained with ``fit`` before editing
-    needs_training: ClassVar[bool] = False
+    #: None | "fit" | "pipeline" (see the module docstring); an instance may set it in __init__
+    training: str | None = None
     #: True for editors that implement ``edit_batch``
     supports_batch: ClassVar[bool] = False
+    #: True for editors that override ``logits``
+    custom_logits: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "logits" in vars(cls) and not cls.custom_logits:
+            raise TypeError(f"{cls.__qualname__} overrides logits() but does not declare custom_logits = True")
+        if cls.training not in TRAINING_KINDS:
+            raise TypeError(f"{cls.__qualname__}.training must be one of {TRAINING_KINDS}, got {cls.training!r}")
+        if cls.training == "pipeline" and cls.trainable is Editor.trainable:
+            raise TypeError(f"{cls.__qualname__} declares training = 'pipeline' but has no trainable()")
 
     def __init__(self, model: nn.Module, tokenizer: Any, arch: ArchSpec, cfg: Mapping[str, Any]):
         self.model = model
@@ -57,7 +87,7 @@ class Editor:
         Parameter editors use the model as it is; editors with memories or hooks
         override this and strip any positions they prepend. ``prompt_len`` (one per row, or
         None) counts the real tokens of each row that are the user's prompt; retrieval
-        editors build their query from those only (``editbench.scoring.prompt_token_rows``).
+        editors build their query from those only (``editors.lib.memory.prompt_token_rows``).
         """
         return model_logits(self.model, input_ids, attention_mask)
 
@@ -69,7 +99,7 @@ class Editor:
         (``editbench.scoring.model_logits_at``); an editor that overrides ``logits`` is run
         in full and indexed, so it needs nothing more.
         """
-        if type(self).logits is Editor.logits:
+        if not self.custom_logits:
             return model_logits_at(self.model, input_ids, attention_mask, rows, cols)
         logits = self.logits(input_ids, attention_mask, prompt_len=prompt_len)
         if logits.shape[:2] != input_ids.shape:
@@ -85,10 +115,10 @@ class Editor:
         self._originals.clear()
 
     def fit(self, train_cases: Sequence[EditCase]) -> None:
-        """Train what the method learns (only where ``needs_training``)."""
+        """Build what the method takes from the train data (only where ``training == "fit"``)."""
 
     # ------------------------------------------------------------------ training protocol
-    # Editors with ``needs_training`` are trained by the one pipeline in editbench/train.py,
+    # Editors with ``training = "pipeline"`` are trained by the one pipeline in editbench/train/,
     # which owns the loop, data order, optimiser, validation, checkpoints and the cache.
     # An editor supplies only what is specific to its method:
     def trainable(self) -> nn.Module:

@@ -1,0 +1,92 @@
+"""What every command line of the harness shares: signals, exit codes, the multirun rule.
+
+``python -m editbench`` and ``python -m editbench.train`` both run their work through
+:func:`guarded`, so that they stop and report the same way (docs/reliability.md):
+
+* 0: done (the command prints its result line);
+* 2: bad input or configuration (one line, no traceback; finished chunks and checkpoints
+  stay on disk);
+* 3: an editor's ``reset()`` did not restore the model (one line naming the editor);
+* 130 / 143: interrupted by SIGINT / SIGTERM (finished work is kept; rerun the same
+  command to resume);
+* 1: an unexpected error (Hydra prints the traceback).
+
+Inside a job of a ``-m`` sweep an error must fail that job, not exit the process (which
+would stop the basic launcher's remaining jobs): there the bad-input and restore errors
+are raised again as plain (picklable) ``RuntimeError``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from typing import Callable, TypeVar
+
+from editbench.guard import RestoreError
+from editbench.records import DataError
+from editbench.results import RunFolderBusy
+
+log = logging.getLogger("editbench")
+
+#: errors that mean bad input or configuration (CheckpointError is a ValueError)
+BAD_INPUT = (DataError, ValueError, FileNotFoundError, RunFolderBusy)
+
+T = TypeVar("T")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that the run stops the way Ctrl-C stops it:
+    the model is reset, no partial file is left, finished chunks stay on disk."""
+
+
+def on_sigterm(signum, frame):
+    """The SIGTERM handler: raise :class:`Terminated`. A second SIGTERM while the process
+    winds down kills it at once (the default action)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated()
+
+
+def stop_now(err: KeyboardInterrupt, what: str) -> None:
+    """Log why the process stops (SIGINT or SIGTERM, then ``what``) and exit at once with
+    130 / 143. Every file is closed and written atomically by then; the interpreter's slow
+    teardown (seconds with torch loaded) is skipped so that the process really stops promptly."""
+    which = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
+    log.error("stopped by %s; %s", which, what)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(143 if isinstance(err, Terminated) else 130)
+
+
+def in_multirun() -> bool:
+    """True inside a job of a ``-m`` sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _fail(message: str, in_sweep: str, status: int) -> None:
+    log.error("%s", message)
+    if in_multirun():  # the launcher records this job as failed and runs the sweep's other jobs
+        raise RuntimeError(in_sweep) from None
+    sys.exit(status)
+
+
+def guarded(work: Callable[[], T], on_interrupt: str) -> T:
+    """Run ``work()`` with SIGTERM handled and errors mapped to the exit codes above;
+    ``on_interrupt`` says what the user can do after SIGINT / SIGTERM."""
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return work()
+    except BAD_INPUT as err:
+        _fail(str(err), f"bad input or configuration: {err}", 2)
+    except RestoreError as err:
+        message = " ".join([str(err), *getattr(err, "__notes__", [])])
+        _fail(message, message, 3)
+    except KeyboardInterrupt as err:
+        stop_now(err, on_interrupt)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    raise AssertionError("unreachable")  # every except branch exits or raises

@@ -1,0 +1,125 @@
+"""Build what a run works with, once: model, scorer, editor (trained if it learns), restore
+guard and the after-edit measurements.
+
+The runner, the training command, ``benchmarks/perf.py`` and the tests all build it here, so
+that a benchmark measures exactly what a run computes:
+
+* :func:`check_compatible`: the editor supports the model's family, and batch mode only
+  where the editor declares ``supports_batch`` (before any weight is loaded);
+* :func:`build_editor`: the registered class with the composed editor config;
+* :func:`prepare_editor`: what the editor's declared ``training`` asks for: nothing, ``fit``
+  on the train split, or the training pipeline (a cached checkpoint, else train / resume);
+* :func:`open_session`: all of the above around a loaded model, as a :class:`Session`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from editbench.guard import WeightGuard
+from editbench.models import SUPPORTED_FAMILIES, LoadedModel, load_model
+from editbench.plan import check_cases, max_positions
+from editbench.records import EditCase
+from editbench.registry import editor_class
+from editbench.results import RunDir
+from editbench.scoring import Scorer
+
+log = logging.getLogger("editbench.runner")
+
+#: after-edit measurement: fn(editor, T, chunk_index) -> {key: value}, stored in the chunk record
+AfterEditHook = Callable[[Any, int, int], dict[str, float]]
+
+
+@dataclass
+class Session:
+    """Everything a chunk of the lifelong protocol needs."""
+
+    cfg: DictConfig
+    lm: LoadedModel
+    editor: Any
+    scorer: Scorer
+    guard: WeightGuard
+    run: RunDir | None
+    #: extra measurements after a chunk's edits: name -> hook (general ability)
+    after_edit_hooks: dict[str, AfterEditHook]
+    #: scores reliability only, for the retention curve (runner.curve=true); None: no curve
+    curve_scorer: Scorer | None = None
+
+
+def check_compatible(cfg: DictConfig) -> type:
+    """Fail before loading weights when the editor does not support the model's family."""
+    cls = editor_class(cfg.editor.name)
+    family = cfg.model.get("family")
+    if family is not None and family not in SUPPORTED_FAMILIES:
+        raise ValueError(f"model '{cfg.model.name}' declares family '{family}', which has no ArchSpec; "
+                         f"supported families: {', '.join(SUPPORTED_FAMILIES)}")
+    if cls.supported_families is not None and family is not None and family not in cls.supported_families:
+        raise ValueError(f"editor '{cls.name}' does not support the {family} architecture of model "
+                         f"'{cfg.model.name}'; it supports: {', '.join(cls.supported_families)}")
+    if cfg.runner.batch_edit and not cls.supports_batch:
+        raise ValueError(f"runner.batch_edit=true but editor '{cls.name}' has no batched edit")
+    return cls
+
+
+def build_editor(cfg: DictConfig, lm: LoadedModel):
+    """The registered editor class of ``cfg.editor.name`` built around ``lm``."""
+    cls = editor_class(cfg.editor.name)
+    editor_cfg = OmegaConf.to_container(cfg.editor, resolve=True)
+    return cls(lm.model, lm.tokenizer, lm.arch, editor_cfg)
+
+
+def prepare_editor(cfg: DictConfig, lm: LoadedModel, editor) -> None:
+    """Do what the editor's declared ``training`` asks for before its first edit."""
+    if editor.training == "pipeline":
+        from editbench.train import ensure_trained
+
+        ensure_trained(cfg, lm, editor)   # cached checkpoint, or train / resume
+    elif editor.training == "fit":
+        from editbench.data import load_train_cases
+
+        editor.fit(load_train_cases(cfg.data, editor.name))
+
+
+def after_edit_hooks(cfg: DictConfig, lm: LoadedModel) -> dict[str, AfterEditHook]:
+    """Measurements taken after a chunk's edits besides the probes (general ability)."""
+    tasks = list(cfg.get("general", {}).get("tasks", []) or [])
+    if not tasks:
+        return {}
+    from editbench.general import general_ability_hook
+
+    return {"general": general_ability_hook(cfg, lm)}
+
+
+def make_scorer(cfg: DictConfig, lm: LoadedModel) -> Scorer:
+    """The scorer of ``cfg.runner`` / ``cfg.data`` on the model's device."""
+    return Scorer(lm.tokenizer, batch_size=cfg.runner.batch_size, padding_side=cfg.runner.padding_side,
+                  cf_metrics=bool(cfg.data.get("cf_metrics", False)),
+                  exact_match=bool(cfg.runner.exact_match), device=next(lm.model.parameters()).device)
+
+
+def open_session(cfg: DictConfig, cases: Sequence[EditCase], lm: LoadedModel | None = None,
+                 run: RunDir | None = None) -> Session:
+    """Load the model (unless given), check every query of ``cases`` before anything slow,
+    record the environment in ``run``, build and prepare the editor, and hash the model
+    for the restore check."""
+    if lm is None:
+        lm = load_model(cfg.model)
+    scorer = make_scorer(cfg, lm)
+    # Before any training or edit: a bad case must not surface hours into the run.
+    check_cases(cases, scorer, max_positions(lm.model))
+    if run is not None:
+        run.write_env(str(lm.model.device if hasattr(lm.model, "device") else "cpu"))
+    editor = build_editor(cfg, lm)
+    prepare_editor(cfg, lm, editor)
+    lm.model.eval()
+    session = Session(cfg, lm, editor, scorer, WeightGuard(lm.model), run, after_edit_hooks(cfg, lm))
+    if cfg.runner.get("curve") and cfg.runner.batch_edit:
+        log.warning("runner.curve=true has no effect with runner.batch_edit=true (no state between edits)")
+    elif cfg.runner.get("curve"):
+        session.curve_scorer = Scorer(lm.tokenizer, batch_size=cfg.runner.batch_size,
+                                      padding_side=cfg.runner.padding_side, device=scorer.device,
+                                      cf_metrics=False, exact_match=False)
+    return session
