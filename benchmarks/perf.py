@@ -439,10 +439,10 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     hydra_args, bench = split_args(argv)
     cfg = compose_cfg(hydra_args)
     check_compatible(cfg)
-    from editbench.data import load_cases
+    from editbench.data import evaluation_cases
     from editbench.models import load_model
 
-    cases = load_cases(cfg.data.kind, cfg.data.get("path"))
+    cases = evaluation_cases(cfg.data)   # the cases of data.split, as a run selects them
     plan.check_unique_ids(cases)
     Ts = [int(t) for t in bench.T]
     n_cases = int(bench.n_cases)

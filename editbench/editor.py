@@ -38,6 +38,12 @@ from editbench.records import EditCase, EditRequest
 from editbench.scoring import model_logits, model_logits_at
 
 
+#: editor config keys that are not hyperparameters: the registry name, the name of a variant
+#: that differs from the paper's method (shown as ``<name>[<variant>]`` in every table), and
+#: the editor's evaluation protocol (``batch_edit``: its rows apply a chunk in one
+#: ``edit_batch``, e.g. MALMEN; ``runner.batch_edit`` overrides it)
+CONFIG_BOOKKEEPING = ("name", "variant", "batch_edit")
+
 #: the values of :attr:`Editor.training`
 TRAINING_KINDS = (None, "fit", "pipeline")
 
@@ -154,6 +160,11 @@ class Editor:
         """Growth figures after the current edits (codebook size, patch neurons...)."""
         return {}
 
+    def provenance(self) -> dict[str, Any]:
+        """What the editor was built from, for the run's env.json: e.g. the texts and tokens its
+        covariance statistics actually used. Called once after the editor is prepared."""
+        return {}
+
     # ------------------------------------------------------------------ helpers
     @property
     def device(self) -> torch.device:
@@ -177,10 +188,10 @@ class Editor:
 def hparams_from_cfg(cls: type, cfg: Mapping[str, Any], editor: str):
     """Build a hyperparameter dataclass from an editor config, rejecting unknown keys.
 
-    ``name`` and keys starting with ``_`` are config bookkeeping and are ignored.
+    ``name``, ``variant`` and keys starting with ``_`` are config bookkeeping and are ignored.
     """
     fields = {f.name for f in dataclasses.fields(cls)}
-    given = {k: v for k, v in cfg.items() if k != "name" and not k.startswith("_")}
+    given = {k: v for k, v in cfg.items() if k not in CONFIG_BOOKKEEPING and not k.startswith("_")}
     unknown = sorted(set(given) - fields)
     if unknown:
         raise ValueError(f"editor '{editor}': unknown hyperparameter(s) {unknown}; valid: {sorted(fields)}")

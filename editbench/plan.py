@@ -9,7 +9,7 @@
   run at once with a one-line DataError.
 * :func:`pending_chunks`: the planned chunks still to compute; a finished chunk must hold
   the cases the plan puts in it (:func:`cases_fingerprint`), and one computed by other code
-  (:func:`code_fingerprint`) is reported.
+  (:mod:`editbench.fingerprint`) is recomputed unless ``runner.reuse_stale=true``.
 * Seeds: :func:`derived_seed` and :func:`seed_all`, the one way every part of the harness
   (edits, training steps) derives and sets its seeds.
 """
@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import random
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -56,6 +54,14 @@ def edit_seed(seed: int, T: int, idx: int, k: int) -> int:
     return derived_seed(seed, T, idx, k)
 
 
+# --------------------------------------------------------------------------- protocol
+def batch_mode(cfg: DictConfig) -> bool:
+    """Whether a chunk's edits go in one ``edit_batch``: ``runner.batch_edit`` when set, else
+    the editor's protocol (``editor.batch_edit``, e.g. MALMEN's batch edits)."""
+    chosen = cfg.runner.get("batch_edit")
+    return bool(cfg.editor.get("batch_edit", False)) if chosen is None else bool(chosen)
+
+
 # --------------------------------------------------------------------------- cases and chunks
 def select_cases(cases: Sequence[EditCase], n_cases: int | None, seed: int, shuffle: bool = True) -> list[EditCase]:
     """The seeded shuffle of ``cases`` (file order when ``shuffle`` is false), first ``n_cases``."""
@@ -86,6 +92,7 @@ def run_id(cfg: DictConfig) -> str:
     keyed.pop("hydra", None)
     keyed.get("runner", {}).pop("steps", None)
     keyed.get("runner", {}).pop("progress", None)
+    keyed.get("runner", {}).pop("reuse_stale", None)   # decides reuse, not results
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{cfg.editor.name}_{cfg.model.name}_{cfg.data.name}_{digest}"
 
@@ -135,27 +142,6 @@ def cases_fingerprint(chunk: Sequence[EditCase]) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def code_fingerprint(cls: type) -> str:
-    """A hash of the code that decides a chunk's numbers: the editor's module, the shared
-    editor code (``editors/lib/``), the Editor interface and the scoring. Stored in each
-    chunk record so that a resumed run can say when finished chunks came from other code."""
-    import editbench.editor as editor_interface
-    import editbench.scoring as scoring
-
-    module = Path(inspect.getfile(cls))
-    files = {module, Path(scoring.__file__), Path(editor_interface.__file__)}
-    editors_dir = module.parent
-    while editors_dir.name and editors_dir.name != "editors" and editors_dir != editors_dir.parent:
-        editors_dir = editors_dir.parent
-    if editors_dir.name == "editors":
-        files |= set(editors_dir.glob("lib/*.py"))
-    h = hashlib.sha256()
-    for f in sorted(files):
-        if f.is_file():
-            h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()[:12]
-
-
 def plan_chunks(selected: Sequence[EditCase], steps: Sequence[int]) -> list[Planned]:
     """Every (T, chunk index, cases) of a run, in order of ``steps``; warns about T that get
     no chunk or leave cases over."""
@@ -170,10 +156,14 @@ def plan_chunks(selected: Sequence[EditCase], steps: Sequence[int]) -> list[Plan
     return plan
 
 
-def pending_chunks(run: RunDir, plan: list[Planned], code: str) -> list[Planned]:
-    """The planned chunks still to compute; every finished one must hold the cases the plan
-    puts in it (else the data or the selection changed under the same config)."""
-    todo, planned, other_code = [], {}, 0
+def pending_chunks(run: RunDir, plan: list[Planned], code: str, reuse_stale: bool = False) -> list[Planned]:
+    """The planned chunks still to compute. Every finished one must hold the cases the plan
+    puts in it (else the data or the selection changed under the same config). A finished
+    chunk computed by other code (its record's ``code`` is not ``code``: see
+    :mod:`editbench.fingerprint`) or from a stale checkpoint is recomputed, unless
+    ``reuse_stale`` (``runner.reuse_stale=true``) keeps it; summary.csv then counts it in
+    ``stale_chunks``."""
+    todo, planned, stale = [], {}, 0
     for T, i, chunk in plan:
         planned.setdefault(T, set()).add(i)
         if not run.has_chunk(T, i):
@@ -190,11 +180,16 @@ def pending_chunks(run: RunDir, plan: list[Planned], code: str) -> list[Planned]
             raise ValueError(f"{run.chunk_file(T, i)} was computed on other contents of cases {_short(want)} "
                              f"(same ids, other prompts or targets): the data changed since; use another out_dir "
                              f"or delete {run.path}")
-        other_code += record.get("code", code) != code
-    if other_code:
-        log.warning("%d finished chunk(s) in %s were computed by other code (the editor, editors/lib or the "
-                    "scoring changed since); they are reused as they are: delete the run folder to recompute",
-                    other_code, run.path)
+        if is_stale(record, code):
+            stale += 1
+            if not reuse_stale:
+                todo.append((T, i, chunk))
+    if stale and reuse_stale:
+        log.warning("%d finished chunk(s) in %s were computed by other code or from a stale checkpoint; they are "
+                    "reused (runner.reuse_stale=true) and counted in summary.csv as stale_chunks", stale, run.path)
+    elif stale:
+        log.warning("%d finished chunk(s) in %s were computed by other code or from a stale checkpoint; they are "
+                    "recomputed (runner.reuse_stale=true keeps them, marked stale)", stale, run.path)
     for T, indices in planned.items():
         extra = sorted(p.name for p in run.chunks.glob(f"T{T}-c*.json")
                        if int(p.stem.split("-c")[1]) not in indices) if run.chunks.is_dir() else []
@@ -202,6 +197,11 @@ def pending_chunks(run: RunDir, plan: list[Planned], code: str) -> list[Planned]
             raise ValueError(f"{run.chunks} holds chunk(s) {extra[:3]} that this run does not plan for T={T}: "
                              f"the data changed since they were computed; use another out_dir or delete {run.path}")
     return todo
+
+
+def is_stale(record: dict, code: str) -> bool:
+    """A chunk record computed by other code than ``code``, or from a stale checkpoint."""
+    return record.get("code") != code or bool(record.get("stale"))
 
 
 def _short(ids: list[str]) -> str:

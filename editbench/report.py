@@ -53,7 +53,8 @@ from editbench.results import RunDir, atomic_save_figure, atomic_write_csv, atom
 QUALITY = [("reliability", "Rel"), ("generality", "Gen"), ("locality", "Loc")]
 COST = [("edit_time_s", "edit s"), ("infer_time_s", "infer s/query"), ("infer_overhead", "overhead")]
 #: config keys that do not change a run's results: ignored when grouping runs into cells
-NOT_RESULT_KEYS = ("out_dir", "run_id", "runner.steps", "runner.progress", "data_root")
+NOT_RESULT_KEYS = ("out_dir", "run_id", "runner.steps", "runner.progress", "runner.reuse_stale", "data_root",
+                   "model.description")
 SEED_KEY = "runner.seed"
 CURVE_COLUMNS = ["T", "chunk", "after_edits", "age", "reliability", "n"]
 CELL = ["model", "data", "label"]
@@ -85,6 +86,17 @@ def read_config(run_path: Path) -> dict[str, Any] | None:
     except Exception as err:  # noqa: BLE001 - any parse error: name the file
         raise ValueError(f"{path} is not a readable config ({type(err).__name__}: {err})") from None
     return _flatten(cfg if isinstance(cfg, dict) else {})
+
+
+def model_descriptions(root: str | Path) -> dict[str, str]:
+    """model name -> the exact model a run used (``model.description`` of its config), for the
+    tables' headings ("SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32")."""
+    out = {}
+    for path in sorted(Path(root).rglob("summary.csv")):
+        cfg = read_config(path.parent) or {}
+        if cfg.get("model.name") and cfg.get("model.description"):
+            out.setdefault(str(cfg["model.name"]), str(cfg["model.description"]))
+    return out
 
 
 def load_runs(root: str | Path) -> pd.DataFrame:
@@ -567,10 +579,15 @@ def build_report(root: str | Path, out: str | Path | None = None) -> Path:
     md = ["# editbench report\n", f"\n{summary['run'].nunique()} run(s) under `{root}`; cells with several seeds "
           "show mean ± std over seeds.\n"]
     tex = ["% editbench report: \\usepackage{booktabs}\n"]
+    described = model_descriptions(root)
     for (model, data), df in agg.groupby(["model", "data"], sort=True):
         slug = f"{_slug(model)}_{_slug(data)}"
         quality, cost = quality_table(df), cost_table(df)
-        md += [f"\n## {model} / {data}\n\n### Reliability, generality, locality\n\n", quality.to_markdown(),
+        splits = sorted(set(summary.loc[(summary["model"] == model) & (summary["data"] == data), "split"].dropna())) \
+            if "split" in summary else []
+        heading = f"{model} ({described[model]})" if described.get(model) else model
+        heading += f" / {data}" + (f" (split: {', '.join(map(str, splits))})" if splits else "")
+        md += [f"\n## {heading}\n\n### Reliability, generality, locality\n\n", quality.to_markdown(),
                "\n### Cost and general ability\n\n", cost.to_markdown()]
         for name, table, what in (("quality", quality, "reliability, generality, locality"),
                                   ("cost", cost, "edit time (s), inference time (s/query), inference overhead"

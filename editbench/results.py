@@ -30,8 +30,21 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pandas as pd
 
-SUMMARY_COLUMNS = ["editor", "model", "data", "T", "metric", "mean", "ci_low", "ci_high", "n"]
-CASE_COLUMNS = ["editor", "model", "data", "T", "chunk", "case_id", "metric", "value"]
+SUMMARY_COLUMNS = ["editor", "model", "data", "split", "T", "metric", "mean", "ci_low", "ci_high", "n"]
+CASE_COLUMNS = ["editor", "model", "data", "split", "T", "chunk", "case_id", "metric", "value"]
+
+
+def editor_label(editor_cfg) -> str:
+    """The editor as every table names it: ``<name>``, or ``<name>[<variant>]`` for a configured
+    variant that differs from the paper's method (``editor.variant``)."""
+    variant = editor_cfg.get("variant")
+    return f"{editor_cfg.name}[{variant}]" if variant else str(editor_cfg.name)
+
+
+def run_meta(cfg) -> dict[str, str]:
+    """The identifying columns of a run's tables: editor label, model, data set and split."""
+    return {"editor": editor_label(cfg.editor), "model": str(cfg.model.name), "data": str(cfg.data.name),
+            "split": str(cfg.data.get("split") or "all")}
 #: summary metrics that measure time or memory: they differ between two runs of the same
 #: config; every other metric is reproducible (docs/reliability.md, "Determinism")
 NONDETERMINISTIC_METRICS = ("edit_time_s", "infer_time_s", "infer_overhead", "peak_mem_mb")
@@ -156,7 +169,9 @@ class RunDir:
             log.info("removed %d partial file(s) left by an interrupted run in %s", len(removed), self.path)
         return removed
 
-    def write_env(self, device: str) -> None:
+    def write_env(self, device: str, extra: dict[str, Any] | None = None) -> None:
+        """``env.json``: the software, the machine, and ``extra`` (the model's description, what
+        the editor was built from: :meth:`editbench.editor.Editor.provenance`)."""
         import torch
         import transformers
 
@@ -166,7 +181,8 @@ class RunDir:
                "cpu_threads": torch.get_num_threads()}
         if device.startswith("cuda") and torch.cuda.is_available():
             env["gpu"] = torch.cuda.get_device_name()
-        atomic_write_text(self.path / "env.json", json.dumps(env, indent=1))
+        env.update(extra or {})
+        atomic_write_text(self.path / "env.json", json.dumps(env, indent=1, default=str))
 
 
 def _read_record(path: Path) -> dict[str, Any]:
@@ -221,21 +237,23 @@ def cases_table(chunks: list[dict[str, Any]], meta: dict[str, str]) -> pd.DataFr
     return pd.DataFrame(rows, columns=cols)
 
 
-def summary_table(chunks: list[dict[str, Any]], meta: dict[str, str], n_boot: int = 1000) -> pd.DataFrame:
+def summary_table(chunks: list[dict[str, Any]], meta: dict[str, str], n_boot: int = 1000,
+                  code: str | None = None) -> pd.DataFrame:
     """Aggregate chunk records into the summary rows of DESIGN.md.
 
     Case metrics: mean over cases (each case already averaged over its probes) with a
     bootstrap CI over cases. Edit time: over edits. Inference time: seconds per scored
     query, bootstrap over chunks. infer_overhead: a chunk's seconds per query after
-    its edits over the same queries' seconds before them. Failed cases are counted in
-    ``failed_cases`` and excluded from the quality metrics.
+    its edits over the same queries' seconds before them. Every case counts in the quality
+    metrics (a failed edit is scored on the rolled-back model); ``failed_cases`` counts the
+    failed ones; ``stale_chunks`` counts chunks reused from other code (``runner.reuse_stale``).
     """
     rows = []
     for T in sorted({ch["T"] for ch in chunks}):
         chs = [ch for ch in chunks if ch["T"] == T]
         cases = [c for ch in chs for c in ch["cases"]]
-        ok = [c for c in cases if c.get("status", "ok") == "ok"]
-        metrics = sorted({m for c in ok for m in c.get("metrics", {})}, key=_metric_order)
+        scored = [c for c in cases if c.get("metrics")]
+        metrics = sorted({m for c in scored for m in c["metrics"]}, key=_metric_order)
 
         def add(metric: str, values: list[float]) -> None:
             values = [v for v in values if v is not None and not (isinstance(v, float) and np.isnan(v))]
@@ -245,7 +263,7 @@ def summary_table(chunks: list[dict[str, Any]], meta: dict[str, str], n_boot: in
                              "n": len(values)})
 
         for metric in metrics:
-            add(metric, [c["metrics"][metric] for c in ok if metric in c["metrics"]])
+            add(metric, [c["metrics"][metric] for c in scored if metric in c["metrics"]])
         add("edit_time_s", [c["edit_time_s"] for c in cases if c.get("edit_time_s") is not None])
         add("infer_time_s", [ch["timing"]["seconds"] / ch["timing"]["queries"] for ch in chs
                              if ch.get("timing", {}).get("queries")])
@@ -262,10 +280,13 @@ def summary_table(chunks: list[dict[str, Any]], meta: dict[str, str], n_boot: in
             add(f"editor/{key}", [ch["editor_stats"][key] for ch in chs if key in ch.get("editor_stats", {})])
         for key in sorted({k for ch in chs for k in ch.get("general", {})}):
             add(f"general/{key}", [ch["general"][key] for ch in chs if key in ch.get("general", {})])
-        n_failed = len(cases) - len(ok)
-        if n_failed:
-            rows.append({**meta, "T": T, "metric": "failed_cases", "mean": float(n_failed), "ci_low": float(n_failed),
-                         "ci_high": float(n_failed), "n": len(cases)})
+        n_failed = float(sum(c.get("status", "ok") != "ok" for c in cases))
+        rows.append({**meta, "T": T, "metric": "failed_cases", "mean": n_failed, "ci_low": n_failed,
+                     "ci_high": n_failed, "n": len(cases)})
+        n_stale = float(sum(bool(ch.get("stale")) or (code is not None and ch.get("code") != code) for ch in chs))
+        if n_stale:
+            rows.append({**meta, "T": T, "metric": "stale_chunks", "mean": n_stale, "ci_low": n_stale,
+                         "ci_high": n_stale, "n": len(chs)})
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
@@ -278,10 +299,11 @@ def _metric_order(metric: str) -> tuple[int, str]:
     return (_ORDER.index(head) if head in _ORDER else len(_ORDER), metric)
 
 
-def write_tables(run: RunDir, meta: dict[str, str]) -> pd.DataFrame:
-    """Rebuild cases.csv and summary.csv from the chunk records; return the summary."""
+def write_tables(run: RunDir, meta: dict[str, str], code: str | None = None) -> pd.DataFrame:
+    """Rebuild cases.csv and summary.csv from the chunk records; return the summary. With the
+    current ``code`` fingerprint, chunks from other code are counted as ``stale_chunks``."""
     chunks = run.read_chunks()
     atomic_write_csv(run.path / "cases.csv", cases_table(chunks, meta))
-    summary = summary_table(chunks, meta)
+    summary = summary_table(chunks, meta, code=code)
     atomic_write_csv(run.path / "summary.csv", summary)
     return summary

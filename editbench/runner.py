@@ -28,7 +28,9 @@ Failures (docs/reliability.md):
   reset and the chunk's earlier successful edits are replayed (each edit is seeded by
   (seed, T, chunk, position), so the replay reproduces them), and the chunk goes on
   without the failed edit. A case whose post-edit logits hold NaN/Inf fails the same way.
-  Failed cases are counted in ``failed_cases`` and left out of the quality means.
+  Every case is scored after the chunk's edits on the model as it stands (a failed edit is
+  scored as not made), so every quality mean covers every case; ``failed_cases`` counts the
+  failed ones beside the means.
 * Any other exception stops the run: the model is reset first (callers that pass ``lm``
   get it back clean) and the chunk in progress is not written.
 * A reset that does not restore the model bit for bit raises :class:`RestoreError`
@@ -38,7 +40,8 @@ Failures (docs/reliability.md):
 
 This module is the protocol only. Case selection, chunking, run ids and resume are in
 :mod:`editbench.plan`; the model, scorer, editor and its training are built by
-:mod:`editbench.session`; the restore check is :mod:`editbench.guard`.
+:mod:`editbench.session`; the restore check is :mod:`editbench.guard`; the code fingerprints
+that decide what may be reused are :mod:`editbench.fingerprint`.
 """
 from __future__ import annotations
 
@@ -56,13 +59,15 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from editbench import results
+from editbench.fingerprint import chunk_code
 from editbench.guard import RestoreError, nonfinite_parameters
 from editbench.models import LoadedModel
-from editbench.plan import (Planned, cases_fingerprint, check_unique_ids, code_fingerprint, edit_seed, pending_chunks,
+from editbench.plan import (Planned, batch_mode, cases_fingerprint, check_unique_ids, edit_seed, pending_chunks,
                             plan_chunks, run_id, seed_all, select_cases)
 from editbench.records import EditCase, EditFailed
-from editbench.scoring import Timing, sync
+from editbench.scoring import sync
 from editbench.session import Session, check_compatible, open_session
+from editbench.validate import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -121,26 +126,29 @@ def run(cfg: DictConfig, cases: Sequence[EditCase] | None = None,
         lm: LoadedModel | None = None) -> Path:
     """Run the protocol for ``cfg``; return the run folder. ``cases``/``lm`` may be passed
     in (tests, notebooks) to skip loading them again."""
+    validate_config(cfg)   # the whole composed config, before anything slow
     cls = check_compatible(cfg)
+    meta = results.run_meta(cfg)
     if cases is None:
-        from editbench.data import load_cases
+        from editbench.data import evaluation_cases
 
-        cases = load_cases(cfg.data.kind, cfg.data.get("path"))
+        cases = evaluation_cases(cfg.data)   # the cases of data.split
+    else:
+        meta["split"] = "given"              # the caller chose the cases
     check_unique_ids(cases)
     selected = select_cases(cases, cfg.runner.n_cases, cfg.runner.seed, cfg.runner.shuffle)
     run = results.RunDir(Path(cfg.out_dir) / run_id(cfg))
-    meta = {"editor": cfg.editor.name, "model": cfg.model.name, "data": cfg.data.name}
     with run.lock():
         run.remove_partial_files()
         results.atomic_write_text(run.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         plan = plan_chunks(selected, cfg.runner.steps)
-        code = code_fingerprint(cls)
-        todo = pending_chunks(run, plan, code)
+        code = chunk_code(cls)
+        todo = pending_chunks(run, plan, code, reuse_stale=bool(cfg.runner.get("reuse_stale")))
         log.info("run %s: %d chunk(s) planned, %d already done", run.path, len(plan), len(plan) - len(todo))
         if todo:
             session = open_session(cfg, [c for _, _, chunk in todo for c in chunk], lm, run)
             run_chunks(session, todo, code)
-        summary = results.write_tables(run, meta)
+        summary = results.write_tables(run, meta, code)
         from editbench.report import plot_run, write_curve
 
         plot_run(summary, run.path / "metrics.png")
@@ -163,6 +171,8 @@ def run_chunks(ctx: Session, todo: Sequence[Planned], code: str) -> None:
             record = run_chunk(ctx, T, i, chunk)
             record["code"] = code
             record["cases_sha"] = cases_fingerprint(chunk)
+            if ctx.stale:
+                record["stale"] = ctx.stale
             if not written:  # once per process: also the parameters the editor did not report
                 ctx.guard.verify_all(editor.name)
             run.write_chunk(T, i, record)
@@ -223,7 +233,7 @@ def _run_chunk(ctx: Session, T: int, idx: int, chunk: list[EditCase]) -> dict[st
     curve_at: set[int] = set()
     infos: list[dict[str, Any] | None] = [None] * T
     times: list[float | None] = [None] * T
-    if cfg.runner.batch_edit:
+    if batch_mode(cfg):
         seed_all(edit_seed(seed, T, idx, 0))
         sync(device)
         t0 = time.perf_counter()
@@ -266,12 +276,13 @@ def _run_chunk(ctx: Session, T: int, idx: int, chunk: list[EditCase]) -> dict[st
             if k + 1 in curve_at and k + 1 < T and applied:
                 curve += curve_entries(k + 1, _reliability_so_far(ctx, chunk, applied))
 
-    ok = [c for k, c in enumerate(chunk) if k not in failures]
+    # Every case is scored, on the model as it stands: a failed edit was rolled back (its case
+    # is scored as not edited), so every mean covers every case.
     model.eval()
-    edited, timing = scorer.score(editor, ok) if ok else ({}, Timing())
+    edited, timing = scorer.score(editor, chunk)
     logit_faults = {cid: f"NaN/Inf logits after the edits on {', '.join(what)}"
-                    for cid, what in scorer.nonfinite.items()} if ok else {}
-    extra = {name: hook(editor, T, idx) for name, hook in ctx.after_edit_hooks.items()} if ok else {}
+                    for cid, what in scorer.nonfinite.items()}
+    extra = {name: hook(editor, T, idx) for name, hook in ctx.after_edit_hooks.items()}
     stats = editor.stats()
     _reset_and_verify(ctx)
 
@@ -282,12 +293,11 @@ def _run_chunk(ctx: Session, T: int, idx: int, chunk: list[EditCase]) -> dict[st
         error = failures.get(k) or logit_faults.get(case.case_id)
         if error:
             entry.update(status="failed", error=error)
-        else:
-            metrics = dict(edited[case.case_id])
-            for key in ("reliability", "generality"):
-                if key in unedited[case.case_id]:
-                    metrics[f"unedited/{key}"] = unedited[case.case_id][key]
-            entry["metrics"] = metrics
+        metrics = dict(edited[case.case_id])
+        for key in ("reliability", "generality"):
+            if key in unedited[case.case_id]:
+                metrics[f"unedited/{key}"] = unedited[case.case_id][key]
+        entry["metrics"] = metrics
         cases.append(entry)
     record = {"T": T, "chunk": idx, "cases": cases, "editor_stats": stats, "peak_mem_mb": peak_mem_mb(device),
               "timing": {"seconds": timing.seconds, "queries": timing.queries},

@@ -16,6 +16,7 @@ One definition for every editor (DESIGN.md, "Metrics"):
 """
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from dataclasses import dataclass
@@ -191,8 +192,9 @@ class TFResult:
     argmax: list[int]
     logprobs: list[float]
     target_ids: list[int]
-    #: False when a logit at one of the target positions was NaN or infinite (the argmax
-    #: and log-probabilities are then meaningless; the runner marks the case failed)
+    #: False when a logit at one of the target positions was NaN or infinite (that position's
+    #: argmax is then -1, matching no token, and its log-probability -inf; the runner marks
+    #: the case failed)
     finite: bool = True
 
     @property
@@ -245,9 +247,12 @@ def teacher_forced(logits_fn: LogitsFn, encoded: Sequence[Encoded], pad_id: int,
         timing.seconds += time.perf_counter() - t0
         timing.queries += len(batch)
         tgt = torch.tensor(targets, device=sel.device)
-        argmax = sel.argmax(-1).tolist()
-        logp = torch.log_softmax(sel, -1).gather(-1, tgt[:, None])[:, 0].tolist()
-        finite = torch.isfinite(sel).all(-1).tolist()
+        ok = torch.isfinite(sel).all(-1)
+        # a non-finite position predicts nothing: its argmax matches no token and the target's
+        # log-probability is -inf, so such a case scores as wrong wherever it is counted
+        argmax = torch.where(ok, sel.argmax(-1), -1).tolist()
+        logp = torch.where(ok, torch.log_softmax(sel, -1).gather(-1, tgt[:, None])[:, 0], -math.inf).tolist()
+        finite = ok.tolist()
         pos = 0
         for i in batch:
             n_t = len(encoded[i].ids) - encoded[i].start

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from editbench.guard import WeightGuard
 from editbench.models import SUPPORTED_FAMILIES, LoadedModel, load_model
-from editbench.plan import check_cases, max_positions
+from editbench.plan import batch_mode, check_cases, max_positions
 from editbench.records import EditCase
 from editbench.registry import editor_class
 from editbench.results import RunDir
@@ -47,6 +47,9 @@ class Session:
     after_edit_hooks: dict[str, AfterEditHook]
     #: scores reliability only, for the retention curve (runner.curve=true); None: no curve
     curve_scorer: Scorer | None = None
+    #: why the chunks of this session are stale (a checkpoint trained by other code, reused with
+    #: runner.reuse_stale=true); None: not stale
+    stale: str | None = None
 
 
 def check_compatible(cfg: DictConfig) -> type:
@@ -59,7 +62,7 @@ def check_compatible(cfg: DictConfig) -> type:
     if cls.supported_families is not None and family is not None and family not in cls.supported_families:
         raise ValueError(f"editor '{cls.name}' does not support the {family} architecture of model "
                          f"'{cfg.model.name}'; it supports: {', '.join(cls.supported_families)}")
-    if cfg.runner.batch_edit and not cls.supports_batch:
+    if batch_mode(cfg) and not cls.supports_batch:
         raise ValueError(f"runner.batch_edit=true but editor '{cls.name}' has no batched edit")
     return cls
 
@@ -71,16 +74,24 @@ def build_editor(cfg: DictConfig, lm: LoadedModel):
     return cls(lm.model, lm.tokenizer, lm.arch, editor_cfg)
 
 
-def prepare_editor(cfg: DictConfig, lm: LoadedModel, editor) -> None:
-    """Do what the editor's declared ``training`` asks for before its first edit."""
+def prepare_editor(cfg: DictConfig, lm: LoadedModel, editor) -> str | None:
+    """Do what the editor's declared ``training`` asks for before its first edit. Returns why
+    the editor is stale (a checkpoint of other code, reused with ``runner.reuse_stale=true``),
+    else None."""
     if editor.training == "pipeline":
         from editbench.train import ensure_trained
 
-        ensure_trained(cfg, lm, editor)   # cached checkpoint, or train / resume
-    elif editor.training == "fit":
+        # cached checkpoint, or train / resume
+        from editbench.train import train_key, train_settings
+
+        path = ensure_trained(cfg, lm, editor, reuse_stale=bool(cfg.runner.get("reuse_stale")))
+        if path.parent.name != train_key(cfg, editor, train_settings(editor))[0]:
+            return f"checkpoint {path} was trained by other code"
+    if editor.training == "fit":
         from editbench.data import load_train_cases
 
         editor.fit(load_train_cases(cfg.data, editor.name))
+    return None
 
 
 def after_edit_hooks(cfg: DictConfig, lm: LoadedModel) -> dict[str, AfterEditHook]:
@@ -103,20 +114,21 @@ def make_scorer(cfg: DictConfig, lm: LoadedModel) -> Scorer:
 def open_session(cfg: DictConfig, cases: Sequence[EditCase], lm: LoadedModel | None = None,
                  run: RunDir | None = None) -> Session:
     """Load the model (unless given), check every query of ``cases`` before anything slow,
-    record the environment in ``run``, build and prepare the editor, and hash the model
-    for the restore check."""
+    build and prepare the editor, record the environment and the editor's provenance in
+    ``run``'s env.json, and hash the model for the restore check."""
     if lm is None:
         lm = load_model(cfg.model)
     scorer = make_scorer(cfg, lm)
     # Before any training or edit: a bad case must not surface hours into the run.
     check_cases(cases, scorer, max_positions(lm.model))
-    if run is not None:
-        run.write_env(str(lm.model.device if hasattr(lm.model, "device") else "cpu"))
     editor = build_editor(cfg, lm)
-    prepare_editor(cfg, lm, editor)
+    stale = prepare_editor(cfg, lm, editor)
     lm.model.eval()
-    session = Session(cfg, lm, editor, scorer, WeightGuard(lm.model), run, after_edit_hooks(cfg, lm))
-    if cfg.runner.get("curve") and cfg.runner.batch_edit:
+    if run is not None:
+        run.write_env(str(lm.model.device if hasattr(lm.model, "device") else "cpu"),
+                      {"model_description": cfg.model.get("description"), "editor": editor.provenance()})
+    session = Session(cfg, lm, editor, scorer, WeightGuard(lm.model), run, after_edit_hooks(cfg, lm), stale=stale)
+    if cfg.runner.get("curve") and batch_mode(cfg):
         log.warning("runner.curve=true has no effect with runner.batch_edit=true (no state between edits)")
     elif cfg.runner.get("curve"):
         session.curve_scorer = Scorer(lm.tokenizer, batch_size=cfg.runner.batch_size,

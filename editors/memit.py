@@ -14,13 +14,18 @@ For a batch of requests (``edit_batch``; ``edit`` is a batch of one):
    ``K`` = keys at l (mean over the template groups [bare prompt], [5 prefixes]),
    ``R = (z - h_last(current)) / (layers left)``,
    ``ΔW_l = R K^T (mom2_update_weight * C_l + K K^T)^-1`` (double precision),
-   ``W_l += ΔW_l``.
+   ``W_l += ΔW_l`` (in a half-precision model: added to a float32 master of ``W_l`` that
+   accumulates every edit, and ``W_l`` is the master rounded to the model's dtype,
+   editors/lib/precision.py; the official code runs in float32).
 
 Shared math: ``editors/lib/locate.py``; statistics: ``editors/lib/layer_stats.py``.
 
 SmolLM2 default: ``mom2_update_weight`` 1500 instead of 15000. The fraction of a key's
 residual a layer writes is ``s / (λ + s)`` with ``s = kᵀ C⁻¹ k ≈ d_in``: 15000 suits GPT-J's
 ``d_in = 16384`` but writes only ~9% per layer with SmolLM2's 1536 (docs/editors-locate.md).
+
+Covariance statistics: as ROME's (a local corpus; the llama2/gptj configs request 100,000
+texts and the local corpus has 6,268); ``provenance()`` reports the texts and tokens used.
 
 Deviations: the value deltas of a batch are optimised together (one forward pass per
 step for all requests); the objective, the per-request early stop and the per-request
@@ -36,8 +41,9 @@ from typing import Any, Sequence
 from editbench.records import EditRequest
 from editbench.registry import register
 from editbench.editor import Editor, hparams_from_cfg
-from editors.lib.layer_stats import second_moments
+from editors.lib.layer_stats import second_moments_with_provenance
 from editors.lib.forward import StreamDelta
+from editors.lib.precision import Float32Masters
 from editors.lib.locate import (LocateParams, add_to_weight, build_edit_rows, capture_layers,
                                 generate_context_templates, grouped_key_means, memit_weight_delta, optimize_value)
 
@@ -66,7 +72,12 @@ class MEMIT(Editor):
         self.templates = generate_context_templates(model, tokenizer, self.hp.context_template_length_params,
                                                     self.hp.context_template_seed, separate_bare=True)
         self.tail = StreamDelta(model, arch)
-        self.cov = second_moments(model, tokenizer, arch, self.edit_layers, self.hp.stats_config())
+        self.cov, info = second_moments_with_provenance(model, tokenizer, arch, self.edit_layers,
+                                                        self.hp.stats_config())
+        #: what the covariance statistics were computed from (``provenance()``)
+        self.cov_provenance: dict[str, Any] = {"used": True, **info}
+        #: float32 masters of the edited weights of a half-precision model (editors/lib/precision.py)
+        self.masters = Float32Masters(self._originals)
 
     def edit(self, request: EditRequest) -> dict[str, Any]:
         return self.edit_batch([request])
@@ -91,6 +102,14 @@ class MEMIT(Editor):
             delta = memit_weight_delta(keys.to(cov.device), resid.to(cov.device), cov, hp.mom2_update_weight)
             name = f"{arch.name('mlp_out', layer)}.weight"
             (param,) = self.remember([name])
-            add_to_weight(param, delta, arch)
+            add_to_weight(param, delta, arch, self.masters.master(name, param))
         return {"layers": list(self.edit_layers), "v_loss": round(sum(res.loss) / len(res.loss), 4),
                 "v_steps": max(res.steps), "subject_found": all(rows.subject_found)}
+
+    def reset(self) -> None:
+        self.masters.clear()
+        super().reset()
+
+    def provenance(self) -> dict[str, Any]:
+        """``{"covariance": ...}``: the corpus, requested and used texts and tokens of the statistics."""
+        return {"covariance": dict(self.cov_provenance)}

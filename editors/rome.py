@@ -15,6 +15,9 @@ Per edit and per layer in ``layers`` (one layer in every official config):
    target on the templated prompts + ``kl_factor`` x KL on ``"{subject} is a"`` + weight
    decay, norm clamped to ``clamp_norm_factor`` x |W k* + b|);
 4. ``W += (v* - W k* - b) u^T / (u . k*)`` so that the new weight maps k* exactly to v*.
+   In a half-precision model (llama2, gptj load in bfloat16) the update is added to a
+   float32 master of W that accumulates every edit, and W is that master rounded to the
+   model's dtype (editors/lib/precision.py); the official code runs in float32.
 
 Shared math lives in ``editors/lib/locate.py``; the statistics in ``editors/lib/layer_stats.py``.
 
@@ -32,7 +35,11 @@ Deviations (all documented in docs/editors-locate.md):
   which is what the official code does whenever ``v_loss_layer`` is the last layer (it is
   in every official config).
 * Covariance statistics come from a local corpus (see layer_stats.py) with a configurable
-  sample count, instead of downloaded Wikipedia statistics.
+  sample count, instead of downloaded Wikipedia statistics: the llama2/gptj configs request
+  the official 100,000 texts, but the local ``wiki_paragraphs.txt`` has 6,268 paragraphs,
+  all of which are then used. ``provenance()`` reports the corpus and the texts and tokens
+  actually used (the run's env.json), and building the editor warns when they are fewer
+  than requested.
 """
 from __future__ import annotations
 
@@ -45,8 +52,9 @@ import torch
 from editbench.records import EditRequest
 from editbench.registry import register
 from editbench.editor import Editor, hparams_from_cfg
-from editors.lib.layer_stats import second_moments
+from editors.lib.layer_stats import second_moments_with_provenance
 from editors.lib.forward import StreamDelta
+from editors.lib.precision import Float32Masters
 from editors.lib.locate import (LocateParams, RankOneUpdate, add_to_weight, build_edit_rows,
                                 capture_layers, generate_context_templates, grouped_key_means, optimize_value,
                                 rome_rank_one)
@@ -81,20 +89,33 @@ class ROME(Editor):
         self.cov = self._covariances(self.edit_layers)
         #: the updates of the last edit (for inspection and tests)
         self.last_updates: list[RankOneUpdate] = []
+        #: float32 masters of the edited weights of a half-precision model (editors/lib/precision.py)
+        self.masters = Float32Masters(self._originals)
 
     def candidate_layers(self) -> Sequence[int]:
         return self.hp.layers
 
     def _covariances(self, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        #: what the covariance statistics were computed from (``provenance()``)
+        self.cov_provenance: dict[str, Any] = {"used": False, "reason": "mom2_adjustment=false"}
         if self.hp.mom2_adjustment is False:
             return {}
         try:
-            return second_moments(self.model, self.tok, self.arch, layers, self.hp.stats_config())
+            cov, info = second_moments_with_provenance(self.model, self.tok, self.arch, layers,
+                                                       self.hp.stats_config())
         except FileNotFoundError as e:
             if self.hp.mom2_adjustment == "auto":
                 log.warning("editor '%s': no covariance statistics (%s); editing without C^-1", self.name, e)
+                self.cov_provenance = {"used": False, "reason": f"mom2_adjustment=auto and no corpus: {e}"}
                 return {}
             raise
+        self.cov_provenance = {"used": True, **info}
+        return cov
+
+    def provenance(self) -> dict[str, Any]:
+        """``{"covariance": ...}``: the corpus, requested and used texts and tokens of the
+        covariance statistics (``{"used": false, "reason": ...}`` when editing without C^-1)."""
+        return {"covariance": dict(self.cov_provenance)}
 
     # ------------------------------------------------------------------ the math
     def compute_updates(self, request: EditRequest, layers: Sequence[int]) -> list[RankOneUpdate]:
@@ -123,7 +144,7 @@ class ROME(Editor):
 
     def apply(self, update: RankOneUpdate) -> None:
         (param,) = self.remember([update.weight])
-        add_to_weight(param, update.delta(), self.arch)
+        add_to_weight(param, update.delta(), self.arch, self.masters.master(update.weight, param))
 
     def relative_change(self, update: RankOneUpdate) -> float:
         """|ΔW|_F / |W|_F of an update against the current weight (WilKE's criterion)."""
@@ -138,3 +159,7 @@ class ROME(Editor):
             self.apply(update)
             self.last_updates.append(update)
         return dict(self.last_updates[-1].info)
+
+    def reset(self) -> None:
+        self.masters.clear()
+        super().reset()

@@ -8,7 +8,8 @@ to ROME (editors/rome.py) as the paper's R-ROME. NOT EasyEdit's "R-ROME" (Gupta 
 
 * ``edit``: compute ROME's rank-one update for the request on the UNEDITED model
   (weights are never changed in place: with several ROME layers each is applied only while
-  the next is computed and restored right after, bit for bit), and store
+  the next is computed and restored right after, bit for bit; in a half-precision model
+  that temporary change goes through a float32 master, editors/lib/precision.py), and store
   (key = encoder embedding of the fact ``"<prompt> <target_new>"``, the update).
 * ``logits(ids, mask)``: decode each row, embed it, and retrieve over the stored keys by
   cosine similarity. RASE's rule (``cls_type=hard_thre``) fires when
@@ -39,6 +40,7 @@ from editbench.scoring import model_logits
 from editors.lib.encoder import SentenceEncoder
 from editors.lib.locate import RankOneUpdate, add_to_weight
 from editors.lib.memory import RetrievalCounters, prompt_token_rows
+from editors.lib.precision import Float32Masters
 from editors.rome import ROME, ROMEParams
 
 
@@ -95,6 +97,7 @@ class RROME(ROME):
     def edit(self, request: EditRequest) -> dict[str, Any]:
         updates: list[RankOneUpdate] = []
         saved: dict[str, torch.Tensor] = {}
+        masters = Float32Masters(saved)   # half-precision models: the temporary change as ROME makes it
         try:
             for i, layer in enumerate(self.edit_layers):
                 (update,) = self.compute_updates(request, [layer])
@@ -102,7 +105,7 @@ class RROME(ROME):
                 if i + 1 < len(self.edit_layers):  # the next layer's update sees this one, as in ROME
                     param = self.model.get_parameter(update.weight)
                     saved.setdefault(update.weight, param.detach().clone())
-                    add_to_weight(param, update.delta(), self.arch)
+                    add_to_weight(param, update.delta(), self.arch, masters.master(update.weight, param))
         finally:
             with torch.no_grad():
                 for name, original in saved.items():

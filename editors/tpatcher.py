@@ -1,10 +1,11 @@
 """T-Patcher: a few trainable neurons added to the last FFN per edit.
 
 Follows Huang et al. (ICLR 2023), "Transformer-Patcher: One Mistake Worth One Neuron",
-official code ZeroYuHuang/Transformer-Patcher (``src/models/patch.py``,
-``src/models/seq2seq_modules.py``, defaults in ``src/utils.py``), and its port to
-decoder-only LLMs in qizhou000/UniEdit (``editor/llm_editors/tp/tp.py``,
-``configs/llms/tp/{gpt-j-6b,llama-3-8b}.yaml``: the FFN of the last layer).
+official code ZeroYuHuang/Transformer-Patcher (``scripts/T-patch.py``,
+``src/models/patch.py``, ``src/models/seq2seq_modules.py``, ``src/dataset/zsre_dataloader.py``,
+defaults in ``src/utils.py``), and its port to decoder-only LLMs in qizhou000/UniEdit
+(``editor/llm_editors/tp/tp.py``, ``configs/llms/tp/{gpt-j-6b,llama-3-8b}.yaml``: the FFN of
+the last layer).
 
 A patch neuron is a key ``k``, a bias ``b`` and a value ``v`` added to the FFN ``f`` of
 ``layer``: ``f'(x) = f(x) + act(x·k + b) v``. Per edit:
@@ -18,25 +19,59 @@ A patch neuron is a key ``k``, a bias ``b`` and a value ``v`` added to the FFN `
   ``x_p`` at its position divided by ``|x_p|²`` (pre-activation 1 there), bias 0; the
   value is ``v ⊙ a`` with ``v`` standard normal and ``a`` a trainable amplifier filled
   with ``amplify_con`` (10).
-* Loss = edit loss (cross entropy of the target tokens)
-  + ``alc`` · activation loss: mean of the top-``act_topk`` of ``exp(act_margin - a_i)``,
-  ``a_i`` the pre-activation of neuron ``i`` at its position (the patch fires on the edit)
+* The training batch holds ``example_repeat`` copies of the edit (official 8: the edit
+  collate function repeats source and target, ``zsre_dataloader.py`` ``collate_fn``).
+* Loss = edit loss (cross entropy of the target tokens, mean over the batch's tokens)
+  + ``alc`` · activation loss: mean of the top-``act_topk`` of ``exp(act_margin - a)``
+  over the batch's (rows × neurons) pre-activations ``a`` at the neurons' positions
   + ``mlc`` · memory loss: top-``memory_topk`` means of ``exp(h - a + margin_val1)`` and
-  ``exp(h - margin_val2)`` over the pre-activations ``h`` of the new neurons on every
-  memory vector (the patch stays at least ``margin_val1`` below its edit activation and
-  below ``margin_val2`` on memory inputs). Official: alc 1, mlc 5, margins 0 / 3 / -3,
-  top-5 / top-1000 (``top5_exp``, ``top1000_exp+top1000_exp``).
-* Adam (lr 1e-2, weight decay 0.01), gradient norm clipped at 5, learning rate halved
-  when the edit loss plateaus (ReduceLROnPlateau, factor 0.5, patience 1, threshold
-  0.05, checked every ``check_every`` steps), at most ``max_steps`` steps; training
-  stops at the first check where every target token is predicted (the official
-  ``use_val=0`` early stop: "edit until the example is corrected").
+  ``exp(h - margin_val2)`` over (memory × rows × neurons), ``h`` the new neurons'
+  pre-activations on every memory vector (the patch stays at least ``margin_val1`` below
+  its edit activation and below ``margin_val2`` on memory inputs). Official: alc 1, mlc 5
+  (``src/utils.py``; ``scripts/main.py`` sets 10 for zsRE), margins 0 / 3 / -3, top-5 /
+  top-1000 (``top5_exp``, ``top1000_exp+top1000_exp``).
+* Adam (lr 1e-2, weight decay 0.01), gradient norm clipped at 5, at most ``max_steps``
+  (official ``max_edit_step`` 2000) steps; every ``check_every`` (25) steps a validation
+  check on the edit example: the learning rate is halved when the edit loss plateaus
+  (ReduceLROnPlateau, factor 0.5, patience 1, threshold 0.05), and once more than
+  ``start_val_step`` (100) steps have run the check asks whether the edit succeeds (every
+  target token predicted). ``use_val=1`` (official default): each successful check also
+  records the *validation memory loss* (the memory loss on a held-out memory), and
+  training stops at the first successful check whose validation memory loss is not more
+  than ``val_threshold`` (0.001) below the best of the earlier successful checks
+  (``val_patience`` 1), so at least two successful checks are needed. ``use_val=0``:
+  stop at the first successful check. Otherwise training ends after ``max_steps`` with
+  the last patch. (The official check after epoch ``e`` counts when ``e >= 100``, epochs
+  counted from 0: with 25-step checks the first counted one follows step 125.)
 * The memory: FFN inputs (all token positions) of training-set inputs, built once by
   :meth:`TPatcher.fit` from ``data.train_path`` (the request prompts with their ground
   truth answers, and the locality probes), at most ``memory_size`` vectors (official
-  40000), cached under ``$EDITBENCH_CACHE/tpatcher``. After each edit the edit's own FFN
-  inputs join the memory (official ``update_memory``), so later patches do not fire on
-  earlier edits; ``reset`` drops them again.
+  40000), cached under ``$EDITBENCH_CACHE/tpatcher``. With ``use_val=1`` every
+  ``val_memory_every``-th (5th) training case is held out and its inputs form the
+  validation memory (the official one comes from its validation split). After each edit
+  the FFN inputs of the edit batch join both memories (official ``update_memory``: the
+  whole batch, so ``example_repeat`` copies), so later patches do not fire on earlier
+  edits; ``reset`` drops them again.
+
+What the copies change. Edit loss: the mean over identical rows is the one-copy loss,
+same gradient. The two top-k means are not: with B identical rows every value appears
+B times, so the top-k mean over the batch is the top-(k/B) mean over distinct values. With
+B = 8 the activation loss (top 5 of 8·n values) is ``exp(act_margin - min a)``, the
+worst neuron only, instead of the mean over the n <= 5 neurons, and each memory term is
+the mean of the top 125 memory entries instead of the top 1000: a larger loss, pushed onto
+fewer entries; the memory update stores each edit position 8 times. On the tiny test
+models (a 3-neuron patch, after 30 one-copy steps) the memory loss is 5x larger with 8
+copies and the key's gradient 6-9x (docs/editors-memory.md). Officially the copies also
+differ through dropout (the BART model trains in train mode); the decoders here have no
+dropout, so the rows are identical.
+
+Variant ``fast`` (conf/editor/tpatcher_fast.yaml, shown as ``tpatcher[fast]``): the
+setting used before the official schedule was the default: one copy, ``use_val=0``,
+checks counted from step 25 (``start_val_step: 0``), at most 500 steps (the per-model
+files keep their own ``max_steps``). Measured on 5 CounterFact edits with SmolLM2-135M
+(CPU, one thread; a speed check, not a tuning result): 10.7 s per edit with the official
+schedule (150 steps each) vs 2.05 s with ``fast`` (50 steps each), the same metrics on
+those 5 cases (docs/editors-memory.md).
 
 Deviations:
 * Patch activation. The official patch neuron uses the FFN's own activation (GELU in
@@ -47,17 +82,20 @@ Deviations:
   input that fires no patch gives bit-identical outputs. UniEdit instead adds a neuron
   to both gate and up projections; that neuron leaks in the same way.
 * The edit loss is plain cross entropy (the official seq2seq code reuses BART's 0.1
-  label smoothing from fine-tuning); success is teacher-forced argmax on every target
-  token, which for a greedy decoder is the official "generation equals the target".
-* The official trainer repeats the edit example ``example_repeat`` (8) times in a batch
-  without dropout; identical copies change nothing but the top-k bookkeeping, so one
-  copy is used.
+  label smoothing from fine-tuning, also in the validation loss that drives the learning
+  rate); success is teacher-forced argmax on every target token, which for a greedy decoder
+  is the official check "greedy generation equals the target".
+* The validation memory is a held-out fifth of the training cases (no separate split).
+* The memory loss is computed without materialising the (memory × rows × neurons)
+  tensor (:func:`memory_loss`: same value and gradient).
 * Training re-runs only the layers from ``layer`` up (with ``layer = -1``: the last
   layer, the final norm and the LM head at the target positions); the layers below are
   run once per edit without gradients (:class:`editors.lib.forward.UpperStack`).
 
-Defaults: conf/editor/tpatcher.yaml (SmolLM2-135M and tiny models, tuned here) and
-conf/editor_model/tpatcher/{llama2,gptj}.yaml (official values).
+Defaults: conf/editor/tpatcher.yaml (the official schedule; SmolLM2-135M), the variant
+conf/editor/tpatcher_fast.yaml, and per model conf/editor_model/tpatcher/{llama2,gptj}.yaml
+(official values), conf/editor_model/tpatcher/tiny.yaml (the tiny test models, a scaled-down
+schedule); conf/editor_model/tpatcher_fast/ holds the same per model with the fast schedule.
 """
 from __future__ import annotations
 
@@ -91,6 +129,12 @@ class TPatcherParams:
     weight_decay: float = 0.01
     max_steps: int = 2000
     check_every: int = 25
+    start_val_step: int = 100
+    use_val: int = 1
+    val_threshold: float = 0.001
+    val_patience: int = 1
+    val_memory_every: int = 5
+    example_repeat: int = 8
     grad_clip: float = 5.0
     lr_decay: float = 0.5
     alc: float = 1.0
@@ -108,18 +152,58 @@ class TPatcherParams:
 
     def __post_init__(self):
         for f in ("lr", "weight_decay", "grad_clip", "lr_decay", "alc", "mlc", "act_margin", "margin_val1",
-                  "margin_val2", "amplify_con"):
+                  "margin_val2", "amplify_con", "val_threshold"):
             setattr(self, f, float(getattr(self, f)))  # `editor.lr=1` on the command line is an int
         if self.activation not in ("relu", "gelu", "model"):
             raise ValueError(f"editor 'tpatcher': activation must be relu, gelu or model, got '{self.activation}'")
-        if self.max_add_neuron_num < 1 or self.max_steps < 1 or self.check_every < 1:
-            raise ValueError("editor 'tpatcher': max_add_neuron_num, max_steps and check_every must be >= 1")
+        if self.max_add_neuron_num < 1 or self.max_steps < 1 or self.check_every < 1 or self.example_repeat < 1:
+            raise ValueError("editor 'tpatcher': max_add_neuron_num, max_steps, check_every and example_repeat "
+                             "must be >= 1")
+        if self.use_val not in (0, 1):
+            raise ValueError(f"editor 'tpatcher': use_val must be 0 or 1, got {self.use_val}")
+        if self.start_val_step < 0 or self.val_patience < 1 or self.val_memory_every < 2:
+            raise ValueError("editor 'tpatcher': start_val_step must be >= 0, val_patience >= 1 and "
+                             "val_memory_every >= 2")
+        if self.use_val and self.mlc <= 0:
+            raise ValueError("editor 'tpatcher': use_val=1 stops on the validation memory loss, which needs mlc > 0")
 
 
 def topk_mean(x: torch.Tensor, k: int) -> torch.Tensor:
     """Mean of the ``k`` largest entries of ``x`` (all of them if fewer)."""
     flat = x.reshape(-1)
     return flat.topk(min(k, flat.numel())).values.mean()
+
+
+def memory_loss(memory: torch.Tensor, key: torch.Tensor, bias: torch.Tensor, act: torch.Tensor, k: int,
+                margin_val1: float, margin_val2: float) -> torch.Tensor:
+    """The official memory loss of a batch (``top{k}_exp+top{k}_exp``).
+
+    ``act`` (B, n) are the new neurons' pre-activations at their positions in each of the B
+    rows of the batch, ``h = memory @ key + bias`` (m, n) their pre-activations on the memory.
+    Officially ``h`` is stacked once per row, (m, B, n), and the loss is
+    ``topk_mean(exp(h - act + margin_val1), k) + topk_mean(exp(h - margin_val2), k)`` over
+    all m·B·n entries, so with B copies of the edit each memory entry fills B of the k slots.
+    The same value is computed here without the (m, B, n) tensors: both terms grow with
+    ``h`` for a fixed row and neuron, so the k largest entries overall lie among the k largest
+    ``h`` of each neuron; only those are expanded over the rows (exact, gradients included).
+    """
+    his = memory @ key + bias                                             # (m, n)
+    rows = act.shape[0]
+    idx = his.detach().topk(min(k, his.shape[0]), dim=0).indices           # (k', n)
+    top = his.gather(0, idx)                                              # (k', n)
+    l1 = topk_mean(torch.exp(top[None] - act[:, None, :] + margin_val1), k)   # over (B, k', n)
+    l2 = topk_mean(torch.exp(top - margin_val2).expand(rows, -1, -1), k)
+    return l1 + l2
+
+
+def stopped_improving(losses: Sequence[float], threshold: float, patience: int) -> bool:
+    """The official early stop on the validation losses (lower is better): stop when none of
+    the last ``patience`` values is more than ``threshold`` below the best value before it."""
+    best = 0
+    for i, v in enumerate(losses):
+        if v < losses[best] - threshold:
+            best = i
+    return best < len(losses) - patience
 
 
 class PatchedFFN(nn.Module):
@@ -190,8 +274,10 @@ class TPatcher(Editor):
         #: the patched FFN around the module, installed by the first edit and discarded by reset
         self._swap: ModuleSwap[PatchedFFN] = ModuleSwap(
             model, self.module_name, lambda inner: PatchedFFN(inner, self._activation(inner)))
-        self.memory_base: torch.Tensor | None = None   # (m, hidden) float32, from fit
-        self.memory: torch.Tensor | None = None        # memory_base + the edits' inputs
+        self.memory_base: torch.Tensor | None = None      # (m, hidden) float32, from fit
+        self.memory: torch.Tensor | None = None           # memory_base + the edits' inputs
+        self.val_memory_base: torch.Tensor | None = None  # held-out memory of use_val=1, from fit
+        self.val_memory: torch.Tensor | None = None       # val_memory_base + the edits' inputs
 
     # ------------------------------------------------------------------ memory
     def memory_texts(self, train_cases) -> list[str]:
@@ -204,10 +290,36 @@ class TPatcher(Editor):
             texts += [f"{p.prompt.rstrip()} {p.target.strip()}" for _, p in c.probes("locality")]
         return texts
 
+    def split_memory_cases(self, train_cases) -> tuple[list, list]:
+        """(memory cases, validation-memory cases). With ``use_val=1`` every
+        ``val_memory_every``-th training case is held out for the validation memory (the
+        official code builds it from its validation split); with ``use_val=0`` all cases
+        form the memory and there is no validation memory."""
+        cases = list(train_cases)
+        if not self.hp.use_val:
+            return cases, []
+        every = self.hp.val_memory_every
+        return ([c for i, c in enumerate(cases) if i % every != every - 1],
+                [c for i, c in enumerate(cases) if i % every == every - 1])
+
     def fit(self, train_cases) -> None:
-        texts = self.memory_texts(train_cases)
+        cases, val_cases = self.split_memory_cases(train_cases)
+        texts = self.memory_texts(cases)
         if not texts:
             raise ValueError("editor 'tpatcher': fit() got no training cases to build the memory from")
+        self.memory_base = self._memory(texts)
+        self.memory = self.memory_base
+        if self.hp.use_val:
+            val_texts = self.memory_texts(val_cases)
+            if not val_texts:
+                raise ValueError(f"editor 'tpatcher': use_val=1 holds out every {self.hp.val_memory_every}-th "
+                                 f"training case for the validation memory, but fit() got only {len(cases)} case(s)")
+            self.val_memory_base = self._memory(val_texts)
+            self.val_memory = self.val_memory_base
+
+    def _memory(self, texts: Sequence[str]) -> torch.Tensor:
+        """The FFN inputs of ``texts`` (see :meth:`_collect_memory`), cached by model, module,
+        tokenizer, size and texts, on the FFN's device."""
         key = hashlib.sha256(json.dumps({
             "model": _weights_fingerprint(self.model), "module": self.module_name,
             "tokenizer": [type(self.tok).__name__, len(self.tok)], "memory_size": self.hp.memory_size,
@@ -224,8 +336,7 @@ class TPatcher(Editor):
             tmp.replace(path)
             log.info("tpatcher: %d memory vectors from %d texts, cached in %s", len(memory), len(texts), path)
         ffn_device = next(self.model.get_submodule(self.module_name).parameters()).device
-        self.memory_base = memory.to(ffn_device, torch.float32)
-        self.memory = self.memory_base
+        return memory.to(ffn_device, torch.float32)
 
     @torch.no_grad()
     def _collect_memory(self, texts: Sequence[str]) -> torch.Tensor:
@@ -267,6 +378,7 @@ class TPatcher(Editor):
     def reset(self) -> None:
         self._swap.discard()
         self.memory = self.memory_base
+        self.val_memory = self.val_memory_base
         super().reset()
 
     def stats(self):
@@ -280,10 +392,10 @@ class TPatcher(Editor):
                                "(the runner does so from data.train_path)")
         ffn = self._swap.install()
         enc = encode(self.tok, request.prompt, request.target_new)
-        ids = torch.tensor([enc.ids], device=self.device)
-        targets = torch.tensor(enc.target_ids, device=self.device)
+        # the batch: `example_repeat` copies of the edit (official), one per row
+        ids = torch.tensor([enc.ids], device=self.device).repeat(hp.example_repeat, 1)
         cols = torch.arange(enc.start - 1, len(enc.ids) - 1, device=self.device)
-        rows = torch.zeros_like(cols)
+        targets = torch.tensor(enc.target_ids, device=self.device)
 
         # Layers below `layer` are frozen: run them once; one pass through the layers
         # above gives the current predictions and records the FFN input.
@@ -291,7 +403,7 @@ class TPatcher(Editor):
         ffn.record = True
         try:
             with torch.no_grad():
-                current = stack.head(stack.hidden_states()[rows, cols])
+                current = stack.head(stack.hidden_states()[0, cols])
         finally:
             ffn.record = False
         x = ffn.last_input[0].float()
@@ -299,16 +411,26 @@ class TPatcher(Editor):
         wrong = (current.argmax(-1) != targets).nonzero()[:, 0]
         info = {"neurons_added": 0, "steps": 0, "success": True}
         if len(wrong) > 0:
-            info = self._train_patch(ffn, stack, x, cols[wrong[:hp.max_add_neuron_num]], rows, cols, targets)
-        if hp.update_memory and self.memory is not None:
-            self.memory = torch.cat([self.memory, x[:-1]])
+            info = self._train_patch(ffn, stack, x, cols[wrong[:hp.max_add_neuron_num]], cols, targets)
+        if hp.update_memory:
+            # official: the FFN inputs of the whole edit batch join both memories (every copy)
+            seen = x[:-1].repeat(hp.example_repeat, 1)
+            if self.memory is not None:
+                self.memory = torch.cat([self.memory, seen])
+            if self.val_memory is not None:
+                self.val_memory = torch.cat([self.val_memory, seen])
         info["patch_neurons"] = ffn.n_neurons
         return info
 
-    def _train_patch(self, ffn, stack, x, where, rows, cols, targets) -> dict:
-        """Train ``len(where)`` new neurons, neuron ``i`` located at position ``where[i]``."""
+    def _train_patch(self, ffn, stack, x, where, cols, targets) -> dict:
+        """Train ``len(where)`` new neurons, neuron ``i`` located at position ``where[i]``, on
+        the batch of ``stack`` (its rows: copies of the edit). Returns the edit's info."""
         hp = self.hp
         n = len(where)
+        batch = stack.hidden.shape[0]
+        rows = torch.arange(batch, device=x.device).repeat_interleave(len(cols))
+        at = cols.repeat(batch)
+        labels = targets.repeat(batch)
         xs = x[where]                                                  # (n, hidden)
         key = nn.Parameter((xs / xs.norm(dim=-1, keepdim=True).pow(2)).T.contiguous())
         bias = nn.Parameter(torch.zeros(n, device=x.device))
@@ -321,37 +443,61 @@ class TPatcher(Editor):
         memory = self.memory
         neuron = torch.arange(n, device=x.device)
         ffn.pending = (key, bias, value, amp)
+        val_losses: list[float] = []
         success, step, losses = False, 0, {}
         try:
             with torch.enable_grad():
-                for step in range(1, hp.max_steps + 1):
-                    logits = stack.head(stack.hidden_states()[rows, cols]).float()
-                    loss_e = F.cross_entropy(logits, targets)
-                    act = ffn.pending_pre[0][where, neuron]                     # (n,)
+                # `step` = optimiser steps taken; the forward pass of each iteration sees the
+                # patch after `step` steps, which is what the official validation after epoch
+                # `step - 1` sees (its model is the same: no dropout, frozen base model)
+                while True:
+                    logits = stack.head(stack.hidden_states()[rows, at]).float()
+                    loss_e = F.cross_entropy(logits, labels)
+                    act = ffn.pending_pre[:, where, neuron]                      # (batch, n)
                     loss_a = topk_mean(torch.exp(hp.act_margin - act), hp.act_topk)
                     loss = loss_e + hp.alc * loss_a
                     loss_m = torch.zeros(())
                     if memory is not None and hp.mlc > 0:
-                        his = memory @ key + bias                                # (m, n)
-                        loss_m = (topk_mean(torch.exp(his - act[None] + hp.margin_val1), hp.memory_topk)
-                                  + topk_mean(torch.exp(his - hp.margin_val2), hp.memory_topk))
+                        loss_m = memory_loss(memory, key, bias, act, hp.memory_topk, hp.margin_val1, hp.margin_val2)
                         loss = loss + hp.mlc * loss_m
                     losses = {"loss_e": loss_e.item(), "loss_a": loss_a.item(), "loss_m": loss_m.item()}
-                    if step % hp.check_every == 0 or step == hp.max_steps:
-                        success = bool((logits.argmax(-1) == targets).all())
-                        if success:
+                    check = step > 0 and step % hp.check_every == 0
+                    if check or step == hp.max_steps:
+                        success = bool((logits.argmax(-1) == labels).all())
+                    if check:
+                        sched.step(losses["loss_e"])      # official: ReduceLROnPlateau on the validation loss
+                        if step > hp.start_val_step and success and self._stop(step, val_losses, key, bias, act):
                             break
-                        sched.step(losses["loss_e"])
                     if step == hp.max_steps:
                         break
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(params, hp.grad_clip)
                     opt.step()
+                    step += 1
         finally:
             if ffn.pending is not None:
                 ffn.commit()
-        return {"neurons_added": n, "steps": step, "success": success, **losses}
+        info = {"neurons_added": n, "steps": step, "success": success, **losses}
+        if hp.use_val:
+            info["val_checks"] = len(val_losses)
+            info["val_memory_loss"] = val_losses[-1] if val_losses else float("nan")
+        return info
+
+    @torch.no_grad()
+    def _stop(self, step: int, val_losses: list[float], key, bias, act) -> bool:
+        """At a counted check (after ``step`` steps) where the edit succeeds: ``use_val=0``
+        stops; ``use_val=1`` records the validation memory loss and stops once it has
+        stopped improving."""
+        hp = self.hp
+        if not hp.use_val:
+            return True
+        val_losses.append(memory_loss(self.val_memory, key, bias, act, hp.memory_topk, hp.margin_val1,
+                                      hp.margin_val2).item())
+        stop = stopped_improving(val_losses, hp.val_threshold, hp.val_patience)
+        log.debug("tpatcher: step %d, edit succeeds, validation memory loss %.4f%s", step, val_losses[-1],
+                  " (stopped improving)" if stop else "")
+        return stop
 
 
 def _weights_fingerprint(model: nn.Module) -> str:

@@ -15,6 +15,10 @@ already computed exactly that update on the same model, so it is applied directl
 result, one ROME computation fewer). All candidate layers share one forward pass for the
 keys and residual streams (editors/lib/locate.py). The covariance statistics of every
 candidate layer are computed in one pass over the corpus. Other deviations are ROME's.
+
+Precision: the chosen update is applied by ROME's ``apply``, so in a half-precision model it
+accumulates in the weight's float32 master (editors/lib/precision.py); LA is measured
+against the model's (rounded) weight.
 """
 from __future__ import annotations
 

@@ -57,14 +57,15 @@ def test_report_gathers_runs_into_tables_and_plots(tmp_path, tiny_llama):
         run(cfg, cases=toy_cases(4), lm=tiny_llama)
     md = build_report(tmp_path).read_text()
     assert "| editor | T=1 Rel | T=1 Gen | T=1 Loc | T=2 Rel |" in md
-    assert "| none |" in md and "| ft |" in md
+    assert "| none |" in md and "| ft[easyedit-prompt_last] |" in md  # a variant is named as such
     assert (tmp_path / "plot_tiny-llama_sample.png").stat().st_size > 1000
     # the report's numbers are the summaries' numbers
     rows = pd.read_csv(tmp_path / "report.csv")
     none_loc = rows[(rows.editor == "none") & (rows.metric == "locality")]["mean"]
     assert (none_loc == 1.0).all()
-    line = next(ln for ln in md.splitlines() if ln.startswith("| ft |"))
-    ft_rel_t1 = rows[(rows.editor == "ft") & (rows.metric == "reliability") & (rows["T"] == 1)]["mean"].iloc[0]
+    line = next(ln for ln in md.splitlines() if ln.startswith("| ft[easyedit-prompt_last] |"))
+    ft_rel_t1 = rows[(rows.editor == "ft[easyedit-prompt_last]") & (rows.metric == "reliability")
+                     & (rows["T"] == 1)]["mean"].iloc[0]
     assert f"{ft_rel_t1:.3f}" == line.split("|")[2].strip()
 
 

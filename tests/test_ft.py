@@ -55,3 +55,23 @@ def test_ft_rejects_unknown_objective(tiny_llama):
     cfg = compose_cfg("model=tiny-llama", "editor=ft", "editor.objective=everything")
     with pytest.raises(ValueError, match="objective must be prompt_last or target_new"):
         build_editor(cfg, tiny_llama)
+
+
+def test_ft_is_labelled_as_easyedits_variant_unless_constrained(tiny_llama, caplog):
+    """FT-L/FT-M as implemented are EasyEdit's (no L-inf constraint): every table says so."""
+    from editbench.results import editor_label
+
+    ftl = compose_cfg("model=tiny-llama", "editor=ft")
+    ftm = compose_cfg("model=tiny-llama", "editor=ft", "editor.objective=target_new")
+    assert editor_label(ftl.editor) == "ft[easyedit-prompt_last]"
+    assert editor_label(ftm.editor) == "ft[easyedit-target_new]"
+    with caplog.at_level("WARNING", logger="editors.ft"):
+        build_editor(ftl, tiny_llama)                                   # variant is not a hyperparameter
+        assert not caplog.records
+        build_editor(compose_cfg("model=tiny-llama", "editor=ft", "editor.norm_constraint=5e-5"), tiny_llama)
+        assert any("ROME paper's constrained FT+L" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        # the ROME paper's FT+L, labelled plain `ft`
+        plus_l = compose_cfg("model=tiny-llama", "editor=ft", "editor.norm_constraint=5e-5", "editor.variant=null")
+        build_editor(plus_l, tiny_llama)
+        assert not caplog.records and editor_label(plus_l.editor) == "ft"

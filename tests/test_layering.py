@@ -1,9 +1,9 @@
 """The layering rules of docs/architecture.md, checked on the source (no import needed)."""
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
+from editbench.fingerprint import static_imports
 from tests.conftest import ROOT
 
 PACKAGES = ("editbench", "editors")
@@ -22,18 +22,8 @@ def _modules() -> dict[str, Path]:
 
 def _imports(path: Path, modules: dict[str, Path]) -> list[tuple[str, list[str], int]]:
     """(imported project module, names taken from it, line) for every import in the file,
-    at module level or inside functions."""
-    found = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found += [(a.name, [], node.lineno) for a in node.names if a.name.split(".")[0] in PACKAGES]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
-                and node.module.split(".")[0] in PACKAGES:
-            names = [a.name for a in node.names]
-            # `from pkg import submodule` imports that module
-            found += [(f"{node.module}.{n}", [], node.lineno) for n in names if f"{node.module}.{n}" in modules]
-            found.append((node.module, [n for n in names if f"{node.module}.{n}" not in modules], node.lineno))
-    return found
+    at module level or inside functions (the same reader the code fingerprints use)."""
+    return static_imports(path)
 
 
 def _graph() -> dict[str, set[str]]:

@@ -226,6 +226,10 @@ def test_wilke_picks_the_smallest_change_within_range_and_records_it(tmp_path, t
     path = run(run_cfg, cases=toy_cases(2), lm=tiny_llama)
     infos = [json.loads(s) for s in pd.read_csv(path / "cases.csv")["info"].dropna().unique()]
     assert infos and all(0 <= i["layer"] < cfg.editor.scanning_ceiling for i in infos)
+    # env.json says what the covariance statistics used (40 of the corpus's 60 texts)
+    cov = json.loads((path / "env.json").read_text())["editor"]["covariance"]
+    assert cov["used"] and cov["texts"] == 40 and cov["requested_samples"] == 40 and cov["corpus_texts"] == 60
+    assert cov["layers"] == list(range(cfg.editor.scanning_ceiling))
 
 
 # --------------------------------------------------------------------------- R-ROME
@@ -330,6 +334,52 @@ def test_stats_one_pass_for_all_layers_then_cached(tiny_llama, tmp_path, monkeyp
         h.remove()
     x = torch.cat(feats)
     assert torch.allclose(first[1], x.T @ x / x.shape[0], atol=1e-5)
+
+
+def test_statistics_provenance_counts_the_texts_and_tokens_used(tiny_llama, tmp_path, monkeypatch, caplog):
+    """Provenance (Editor.provenance, the cache files) holds the corpus's actual counts, and
+    each editor warns once when the corpus has fewer texts than requested."""
+    monkeypatch.setenv("EDITBENCH_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("\n".join(CORPUS[:25]) + "\n\n   \n")         # blank lines are not texts
+    tok = tiny_llama.tokenizer
+    tokens = sum(len(tok(t, truncation=True, max_length=16)["input_ids"]) for t in CORPUS[:25])
+    stats = [f"editor.mom2_dataset={corpus}", "editor.mom2_n_samples=100", "editor.mom2_max_length=16"]
+
+    def fewer_warnings():
+        return [r for r in caplog.records if r.levelname == "WARNING" and "fewer than the 100 requested" in r.getMessage()]
+
+    with caplog.at_level("WARNING"):
+        rome = build_editor(compose_cfg("model=tiny-llama", "editor=rome", *stats), tiny_llama)
+    cov = rome.provenance()["covariance"]
+    assert cov["used"] is True and cov["corpus"] == str(corpus) and cov["corpus_texts"] == 25
+    assert cov["requested_samples"] == 100 and cov["texts"] == 25 and cov["tokens"] == tokens
+    assert cov["layers"] == [1] and cov["max_length"] == 16
+    assert len(fewer_warnings()) == 1
+    (file,) = (tmp_path / "cache" / "stats").rglob("*.pt")
+    saved = torch.load(file, weights_only=True)
+    assert saved["texts"] == 25 and saved["tokens"] == tokens and saved["requested_samples"] == 100
+    # MEMIT: layer 1 from the cache, layer 2 computed; the same counts, one warning for the editor
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        memit = build_editor(compose_cfg("model=tiny-llama", "editor=memit", *stats), tiny_llama)
+    mcov = memit.provenance()["covariance"]
+    assert (mcov["texts"], mcov["tokens"], mcov["layers"]) == (25, tokens, [1, 2])
+    assert len(fewer_warnings()) == 1
+    # enough texts: the first 10 of the shuffle, no warning
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        ten = build_editor(compose_cfg("model=tiny-llama", "editor=rome", *stats, "editor.mom2_n_samples=10"),
+                           tiny_llama)
+    texts = layer_stats.corpus_texts(StatsConfig(dataset=str(corpus), n_samples=10, max_length=16))
+    assert ten.provenance()["covariance"]["texts"] == 10 == len(texts)
+    assert ten.provenance()["covariance"]["tokens"] == sum(
+        len(tok(t, truncation=True, max_length=16)["input_ids"]) for t in texts)
+    assert not [r for r in caplog.records if "requested" in r.getMessage()]
+    # without C^-1 there are no statistics, and provenance says so
+    off = build_editor(compose_cfg("model=tiny-llama", "editor=rome", *stats, "editor.mom2_adjustment=false"),
+                       tiny_llama)
+    assert off.provenance() == {"covariance": {"used": False, "reason": "mom2_adjustment=false"}}
 
 
 # --------------------------------------------------------------------------- real model

@@ -15,6 +15,7 @@ from editbench.runner import run
 from editbench.session import build_editor
 from editbench.scoring import encode, model_logits, pad_batch, teacher_forced
 from editors.grace import GraceCodebook
+from editors.tpatcher import memory_loss, stopped_improving, topk_mean
 from tests.conftest import compose_cfg, shared, toy_cases
 
 UNRELATED = [("Water boils at", "one hundred degrees"), ("The Eiffel Tower stands in", "Paris"),
@@ -214,10 +215,17 @@ def test_tpatcher_patches_mistakes_without_firing_on_memory_and_resets(tiny, cac
     editor = build_editor(compose_cfg(f"model={tiny.name}", "editor=tpatcher"), tiny)
     model, tok = tiny.model, tiny.tokenizer
     editor.fit(_train_cases())
-    base = len(editor.memory_base)
-    # one memory vector per token of the training inputs (prompt + ground truth, locality probes)
-    n_tokens = sum(len(tok(t)["input_ids"]) for t in editor.memory_texts(_train_cases()))
-    assert base == min(n_tokens, editor.hp.memory_size) and editor.memory_base.shape[1] == tiny.arch.hidden_size
+    base, val_base = len(editor.memory_base), len(editor.val_memory_base)
+    # one memory vector per token of the training inputs (prompt + ground truth, locality
+    # probes); use_val=1 (default) holds every 5th training case out for the validation memory
+    cases, val_cases = editor.split_memory_cases(_train_cases())
+    assert editor.hp.use_val == 1 and len(val_cases) == len(_train_cases()) // 5
+    assert {c.case_id for c in cases}.isdisjoint(c.case_id for c in val_cases)
+    for part, n in ((cases, base), (val_cases, val_base)):
+        n_tokens = sum(len(tok(t)["input_ids"]) for t in editor.memory_texts(part))
+        assert n == min(n_tokens, editor.hp.memory_size)
+    assert editor.memory_base.shape[1] == editor.val_memory_base.shape[1] == tiny.arch.hidden_size
+    memory_base, val_memory_base = editor.memory_base.clone(), editor.val_memory_base.clone()
     state, structure = _state(model), _structure(model)
     original = model.get_submodule(editor.module_name)
     cases = toy_cases(3)
@@ -247,14 +255,16 @@ def test_tpatcher_patches_mistakes_without_firing_on_memory_and_resets(tiny, cac
         out = editor.logits(ids, mask)
     assert silent.float().sum() > 0.9 * mask.sum()
     assert torch.equal(out[silent], reference[silent])
-    # the edits' own inputs joined the memory; reset drops them
-    assert len(editor.memory) > base
+    # the edits' own inputs joined both memories, once per copy in the batch; reset drops them
+    added = editor.hp.example_repeat * sum(len(encode(tok, c.request.prompt, c.request.target_new).ids) - 1
+                                           for c in cases)
+    assert len(editor.memory) == base + added and len(editor.val_memory) == val_base + added
 
     editor.reset()
     _assert_restored(model, state, structure)
     assert model.get_submodule(editor.module_name) is original
     assert editor.stats() == {"patch_neurons": 0.0}
-    assert len(editor.memory) == base
+    assert torch.equal(editor.memory, memory_base) and torch.equal(editor.val_memory, val_memory_base)
 
 
 def _ffn_input(editor, ids, mask):
@@ -286,7 +296,7 @@ def test_tpatcher_memory_is_cached_and_required(tiny_llama, cache, monkeypatch):
     editor.reset()
     editor.fit(_train_cases())
     files = list((cache / "tpatcher").glob("memory-*.pt"))
-    assert len(files) == 1
+    assert len(files) == 2     # the memory and the validation memory (use_val=1)
     again = build_editor(compose_cfg("model=tiny-llama", "editor=tpatcher"), tiny_llama)
 
     def no_recompute(*_):
@@ -295,10 +305,16 @@ def test_tpatcher_memory_is_cached_and_required(tiny_llama, cache, monkeypatch):
     monkeypatch.setattr(again, "_collect_memory", no_recompute)
     again.fit(_train_cases())
     assert torch.equal(again.memory_base, editor.memory_base)
+    assert torch.equal(again.val_memory_base, editor.val_memory_base)
     # another memory size is another cache entry
     other = build_editor(compose_cfg("model=tiny-llama", "editor=tpatcher", "editor.memory_size=50"), tiny_llama)
     other.fit(_train_cases())
-    assert len(other.memory_base) == 50 and len(list((cache / "tpatcher").glob("memory-*.pt"))) == 2
+    assert len(other.memory_base) == len(other.val_memory_base) == 50
+    assert len(list((cache / "tpatcher").glob("memory-*.pt"))) == 4
+    # use_val=0 uses every training case for the memory and has no validation memory
+    fast = build_editor(compose_cfg("model=tiny-llama", "editor=tpatcher_fast"), tiny_llama)
+    fast.fit(_train_cases())
+    assert fast.val_memory_base is None and len(fast.memory_base) > len(editor.memory_base)
 
 
 def test_tpatcher_activation_model_uses_the_ffn_activation(tiny_gptj, cache):
@@ -312,13 +328,181 @@ def test_tpatcher_activation_model_uses_the_ffn_activation(tiny_gptj, cache):
         build_editor(compose_cfg("model=tiny-gptj", "editor=tpatcher", "editor.activation=silu"), tiny_gptj)
 
 
-def test_tpatcher_through_the_runner_passes_the_reset_check(tmp_path, tiny_llama, cache):
+@pytest.mark.parametrize("editor, label", [("tpatcher", "tpatcher"), ("tpatcher_fast", "tpatcher[fast]")])
+def test_tpatcher_through_the_runner_passes_the_reset_check(tmp_path, tiny_llama, cache, editor, label):
     train = Path(__file__).resolve().parents[1] / "editbench" / "data" / "sample_facts.json"
-    cfg = compose_cfg("model=tiny-llama", "editor=tpatcher", f"out_dir={tmp_path}", "runner.progress=false",
+    cfg = compose_cfg("model=tiny-llama", f"editor={editor}", f"out_dir={tmp_path}", "runner.progress=false",
                       "runner.steps=[2]", f"data.train_path={train}")
     path = run(cfg, cases=toy_cases(2), lm=tiny_llama)
-    s = pd.read_csv(path / "summary.csv").set_index("metric")
-    assert s.loc["editor/patch_neurons", "mean"] >= 1
+    s = pd.read_csv(path / "summary.csv")
+    assert set(s["editor"]) == {label}   # the variant is named in every table
+    assert s.set_index("metric").loc["editor/patch_neurons", "mean"] >= 1
+
+
+# --------------------------------------------------------------------------- T-Patcher's schedule
+SCHEDULE = ("use_val", "start_val_step", "example_repeat", "max_steps")
+
+
+def test_tpatcher_fast_variant_composes_with_its_name_and_values(tiny_llama, cache):
+    """tpatcher_fast = tpatcher with today's faster schedule, per model too (its own
+    conf/editor_model/tpatcher_fast/ files include tpatcher's)."""
+    expected_max_steps = {"smollm2": 500, "tiny-llama": 60, "tiny-gptj": 60, "llama2": 2000, "gptj": 2000}
+    for model, max_steps in expected_max_steps.items():
+        official = compose_cfg(f"model={model}", "editor=tpatcher").editor
+        fast = compose_cfg(f"model={model}", "editor=tpatcher_fast").editor
+        assert official.name == fast.name == "tpatcher" and "variant" not in official and fast.variant == "fast"
+        assert [fast[k] for k in SCHEDULE] == [0, 0, 1, max_steps], model
+        assert official.use_val == 1 and official.example_repeat == 8
+        # everything else is tpatcher's for that model
+        same = lambda c: {k: v for k, v in c.items() if k not in SCHEDULE + ("variant",)}  # noqa: E731
+        assert same(fast) == same(official), model
+    official = compose_cfg("model=smollm2", "editor=tpatcher").editor
+    assert (official.max_steps, official.check_every, official.start_val_step) == (2000, 25, 100)
+    # `variant` is no hyperparameter: the editor builds, with the fast schedule
+    editor = build_editor(compose_cfg("model=tiny-llama", "editor=tpatcher_fast"), tiny_llama)
+    assert [getattr(editor.hp, k) for k in SCHEDULE] == [0, 0, 1, 60]
+
+
+def _explicit_memory_loss(memory, key, bias, act, k, m1, m2):
+    """The official computation: the memory's pre-activations stacked once per batch row."""
+    his = memory @ key + bias
+    h = torch.stack([his for _ in range(act.shape[0])]).transpose(0, 1)     # (m, rows, n)
+    return topk_mean(torch.exp(h - act + m1), k) + topk_mean(torch.exp(h - m2), k)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_tpatcher_memory_loss_equals_the_official_batch_computation(rows):
+    g = torch.Generator().manual_seed(rows)
+    memory = torch.randn(500, 16, generator=g)
+    key = (0.3 * torch.randn(16, 3, generator=g)).requires_grad_()
+    bias = torch.randn(3, generator=g).requires_grad_()
+    act = (1 + torch.randn(rows, 3, generator=g)).requires_grad_()   # rows that differ, too
+    for k in (10, 1000, 5000):
+        ours = memory_loss(memory, key, bias, act, k, 3.0, -3.0)
+        ref = _explicit_memory_loss(memory, key, bias, act, k, 3.0, -3.0)
+        assert torch.allclose(ours, ref, rtol=1e-5), k
+        for a, b in zip(torch.autograd.grad(ours, [key, bias, act]), torch.autograd.grad(ref, [key, bias, act])):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), k
+
+
+def test_tpatcher_identical_copies_change_the_top_k_losses():
+    """8 copies of the edit give the one-copy edit loss, but not the same top-k losses:
+    every value fills 8 of the k slots (docs/editors-memory.md)."""
+    g = torch.Generator().manual_seed(0)
+    memory = torch.randn(2000, 16, generator=g)
+    key, bias = 0.3 * torch.randn(16, 3, generator=g), torch.zeros(3)
+    act = torch.tensor([[0.5, 1.0, 2.0]])
+    one = memory_loss(memory, key, bias, act, 1000, 3.0, -3.0)
+    eight = memory_loss(memory, key, bias, act.expand(8, -1), 1000, 3.0, -3.0)
+    his = memory @ key + bias
+    top125 = topk_mean(torch.exp(his - act + 3.0), 125) + topk_mean(torch.exp(his + 3.0), 125)
+    assert torch.allclose(eight, top125) and eight > 1.2 * one
+    # activation loss (top 5): the mean over the 3 neurons vs the worst neuron only
+    assert torch.isclose(topk_mean(torch.exp(-act), 5), torch.exp(-act).mean())
+    assert torch.isclose(topk_mean(torch.exp(-act.expand(8, -1)), 5), torch.exp(-act.min()))
+
+
+def test_tpatcher_validation_memory_loss_early_stop_rule():
+    """Official early_stop_editing(mode='min', thd=0.001, patience=1)."""
+    assert not stopped_improving([1.0], 0.001, 1)            # one successful check never stops
+    assert not stopped_improving([1.0, 0.9], 0.001, 1)       # still improving
+    assert stopped_improving([1.0, 0.9995], 0.001, 1)        # improved by less than the threshold
+    assert stopped_improving([1.0, 0.9, 0.95], 0.001, 1)
+    assert not stopped_improving([1.0, 0.9, 0.95], 0.001, 2)
+
+
+def _spy_stop(editor, monkeypatch):
+    """Record (step, validation losses so far, stop) of every counted check where the edit succeeds."""
+    calls, real = [], editor._stop
+
+    def spy(step, val_losses, *args):
+        stop = real(step, val_losses, *args)
+        calls.append((step, list(val_losses), stop))
+        return stop
+
+    monkeypatch.setattr(editor, "_stop", spy)
+    return calls
+
+
+def test_tpatcher_default_schedule_stops_when_the_validation_memory_loss_stops_improving(
+        tiny_llama, cache, monkeypatch):
+    editor = build_editor(compose_cfg("model=tiny-llama", "editor=tpatcher"), tiny_llama)
+    hp = editor.hp
+    assert (hp.use_val, hp.example_repeat, hp.check_every, hp.start_val_step, hp.max_steps) == (1, 8, 10, 20, 200)
+    editor.fit(_train_cases())
+    try:
+        for case in toy_cases(3):
+            calls = _spy_stop(editor, monkeypatch)
+            torch.manual_seed(0)
+            info = editor.edit(case.request)
+            steps = [c[0] for c in calls]
+            assert info["success"] and len(calls) >= 2, info
+            # counted checks: after start_val_step, every check_every steps
+            assert all(s > hp.start_val_step and s % hp.check_every == 0 for s in steps)
+            # stop at the first successful check whose validation memory loss stopped improving
+            assert [c[2] for c in calls] == [False] * (len(calls) - 1) + [True]
+            assert stopped_improving(calls[-1][1], hp.val_threshold, hp.val_patience)
+            assert info["steps"] == steps[-1] < hp.max_steps and info["val_checks"] == len(calls)
+            assert info["val_memory_loss"] == calls[-1][1][-1]
+    finally:
+        editor.reset()
+
+
+def test_tpatcher_use_val_0_stops_at_the_first_counted_success(tiny_llama, cache, monkeypatch):
+    request = toy_cases(1)[0].request
+    steps = {}
+    for start in (0, 40):
+        editor = build_editor(compose_cfg("model=tiny-llama", "editor=tpatcher", "editor.use_val=0",
+                                          f"editor.start_val_step={start}"), tiny_llama)
+        editor.fit(_train_cases())
+        calls = _spy_stop(editor, monkeypatch)
+        torch.manual_seed(0)
+        try:
+            info = editor.edit(request)
+        finally:
+            editor.reset()
+        assert info["success"] and "val_checks" not in info
+        assert len(calls) == 1 and calls[0][2] and info["steps"] == calls[0][0], calls
+        steps[start] = info["steps"]
+    # the same edit (same seed) succeeds early; from step 40 on it is checked only after it
+    assert steps[0] <= 40 < steps[40] and steps[40] % 10 == 0
+
+
+@pytest.mark.parametrize("copies", [1, 3])
+def test_tpatcher_example_repeat_puts_copies_of_the_edit_in_the_batch(tiny_llama, cache, monkeypatch, copies):
+    import editors.tpatcher as tp
+
+    editor = build_editor(compose_cfg("model=tiny-llama", "editor=tpatcher", f"editor.example_repeat={copies}"),
+                          tiny_llama)
+    editor.fit(_train_cases())
+    batches, acts = [], []
+    capture, loss = tp.UpperStack.capture, tp.memory_loss
+
+    def spy_capture(model, arch, layer, ids, mask, **kw):
+        batches.append(ids)
+        return capture(model, arch, layer, ids, mask, **kw)
+
+    def spy_loss(memory, key, bias, act, *args):
+        acts.append(act.detach())
+        return loss(memory, key, bias, act, *args)
+
+    monkeypatch.setattr(tp.UpperStack, "capture", spy_capture)
+    monkeypatch.setattr(tp, "memory_loss", spy_loss)
+    request = toy_cases(1)[0].request
+    ids = encode(tiny_llama.tokenizer, request.prompt, request.target_new).ids
+    before = len(editor.memory)
+    try:
+        info = editor.edit(request)
+        added = len(editor.memory) - before
+    finally:
+        editor.reset()
+    assert info["neurons_added"] >= 1 and len(batches) == 1
+    assert batches[0].tolist() == [list(ids)] * copies
+    # the new neurons' activations on every copy (identical rows: no dropout)
+    assert acts and all(a.shape == (copies, info["neurons_added"]) for a in acts)
+    assert all(torch.allclose(a, a[:1].expand_as(a)) for a in acts)
+    # the whole batch's FFN inputs join the memory (official update_memory)
+    assert added == copies * (len(ids) - 1)
 
 
 # =========================================================================== real model

@@ -90,11 +90,12 @@ def test_nan_edit_fails_its_case_resets_replays_and_the_run_goes_on(tmp_path, ti
 
     table = pd.read_csv(bad / "cases.csv", keep_default_na=False)
     failed = table[table.status == "failed"]
-    assert list(failed.case_id) == ["toy1"] and (table.status[table.case_id != "toy1"] == "ok").all()
-    assert failed.error.iloc[0] == "NaN/Inf weights after the edit in model.layers.2.mlp.down_proj.weight"
-    assert failed.metric.iloc[0] == ""  # a failed case has no metric values
+    assert set(failed.case_id) == {"toy1"} and (table.status[table.case_id != "toy1"] == "ok").all()
+    assert (failed.error == "NaN/Inf weights after the edit in model.layers.2.mlp.down_proj.weight").all()
+    assert "reliability" in set(failed.metric)  # a failed case is scored too (as not edited)
     summary = pd.read_csv(bad / "summary.csv").set_index("metric")
-    assert summary.loc["failed_cases", "mean"] == 1 and summary.loc["reliability", "n"] == 5
+    # every mean covers every case; the failed one is counted beside them
+    assert summary.loc["failed_cases", "mean"] == 1 and summary.loc["reliability", "n"] == 6
 
     # The other cases get exactly what plain FT gives them: chunk 0 = {toy0, toy2}, as if
     # toy1 had not been asked (toy0's edit was replayed), and the later chunk is untouched.
@@ -106,6 +107,9 @@ def test_nan_edit_fails_its_case_resets_replays_and_the_run_goes_on(tmp_path, ti
     for cid, ref in want.items():
         assert got[cid]["status"] == "ok" and got[cid]["metrics"] == ref["metrics"], cid
         assert got[cid]["info"] == ref["info"], cid
+    # ... and toy1 is scored on that same model (its edit rolled back): as an unedited case
+    rolled_back = got["toy1"]["metrics"]
+    assert rolled_back["reliability"] == rolled_back["unedited/reliability"] or rolled_back["reliability"] < 1.0
 
 
 class FailingEdits(NoEdit):
@@ -150,15 +154,22 @@ def test_edit_failed_linalg_error_and_nan_logits_fail_their_cases(tmp_path, tiny
     assert errors["toy4"].startswith("NaN/Inf logits after the edits on reliability, generality/rephrase")
     assert [cid for cid, e in errors.items() if e] == ["toy1", "toy4"]
     summary = pd.read_csv(path / "summary.csv").set_index("metric")
-    assert summary.loc["failed_cases", "mean"] == 2 and summary.loc["locality", "n"] == 4
-    assert summary.loc["locality", "mean"] == 1.0  # the others are scored normally
+    # every case counts: toy1 (its edit not made) scores like an unedited case, toy4's NaN
+    # answers match nothing (locality 0); the others are scored normally
+    assert summary.loc["failed_cases", "mean"] == 2 and summary.loc["locality", "n"] == 6
+    per_case = {c["case_id"]: c["metrics"] for rec in RunDir(path).read_chunks() for c in rec["cases"]}
+    assert per_case["toy4"]["reliability"] == 0.0 and per_case["toy1"]["locality"] == 1.0
+    assert summary.loc["reliability", "mean"] == pytest.approx(
+        sum(m["reliability"] for m in per_case.values()) / len(per_case))
 
     batch = run(_cfg(tmp_path, "editor=none", "editor.name=test-failing", "runner.steps=[2]",
                      "runner.batch_edit=true"), cases=toy_cases(4), lm=tiny_llama)
     table = pd.read_csv(batch / "cases.csv", keep_default_na=False)
     assert (table.status == "failed").all() and table.error.str.contains("LinAlgError: singular matrix").all()
-    summary = pd.read_csv(batch / "summary.csv")
-    assert set(summary.metric) == {"failed_cases", "edit_time_s", "peak_mem_mb"}  # no quality metric at all
+    summary = pd.read_csv(batch / "summary.csv").set_index("metric")
+    # the failed batch was rolled back: every case is scored on the unedited model
+    assert summary.loc["failed_cases", "mean"] == 4 and summary.loc["reliability", "n"] == 4
+    assert summary.loc["reliability", "mean"] == summary.loc["unedited/reliability", "mean"]
 
 
 class NaNLogits(NoEdit):

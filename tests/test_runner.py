@@ -49,7 +49,7 @@ def test_summary_columns_and_metrics(tmp_path, tiny_llama):
     cfg = _cfg(tmp_path, "editor=ft", "editor.objective=target_new", "runner.steps=[1,3]")
     path = run(cfg, cases=toy_cases(6), lm=tiny_llama)
     s = pd.read_csv(path / "summary.csv")
-    assert list(s.columns) == ["editor", "model", "data", "T", "metric", "mean", "ci_low", "ci_high", "n"]
+    assert list(s.columns) == ["editor", "model", "data", "split", "T", "metric", "mean", "ci_low", "ci_high", "n"]
     for m in ["reliability", "generality", "locality", "edit_time_s", "infer_time_s", "infer_overhead",
               "peak_mem_mb", "gen_exact_match", "locality/neighborhood"]:
         assert m in set(s.metric), m

@@ -133,12 +133,14 @@ def test_submitit_local_2x2_sweep_reports_4_cells_and_a_rerun_recomputes_nothing
     md = report.build_report(out).read_text()
     agg = pd.read_csv(out / "report_agg.csv")
     assert set(map(tuple, agg[["data", "label"]].drop_duplicates().values)) == {
-        (d, e) for d in ("sample", "cf") for e in ("none", "ft")}
+        (d, e) for d in ("sample", "cf") for e in ("none", "ft[easyedit-prompt_last]")}
     for data in ("sample", "cf"):
-        section = md.split(f"## tiny-llama / {data}\n")[1].split("\n## ")[0]
-        assert re.search(r"^\| none \| ", section, re.M) and re.search(r"^\| ft \| ", section, re.M)
+        section = re.split(rf"^## tiny-llama .*/ {data}\b.*$", md, flags=re.M)[1].split("\n## ")[0]
+        assert re.search(r"^\| none \| ", section, re.M)
+        assert re.search(r"^\| ft\[easyedit-prompt_last\] \| ", section, re.M)   # a variant is named as such
     for name, s in summaries.items():
-        editor, _, data = name.rsplit("_", 1)[0].split("_")
+        _, _, data = name.rsplit("_", 1)[0].split("_")
+        editor = s["editor"].iloc[0]   # the table label: the editor, named as its variant where it is one
         cell = agg[(agg["label"] == editor) & (agg["data"] == data)].set_index(["T", "metric"])
         for row in s[s["metric"].isin(QUALITY)].itertuples():
             assert cell.loc[(row.T, row.metric), "mean"] == row.mean
@@ -227,7 +229,7 @@ def test_report_numbers_are_the_summaries_numbers_with_mean_and_std_over_seeds(t
 
     agg = pd.read_csv(tmp_path / "report_agg.csv")
     quality = pd.read_csv(tmp_path / "tables" / "tiny-llama_sample_quality.csv").set_index("editor")
-    ft_label, ftm_label = "ft (editor.objective=prompt_last)", "ft (editor.objective=target_new)"
+    ft_label, ftm_label = "ft[easyedit-prompt_last]", "ft[easyedit-target_new]"   # the variants' names
     assert set(quality.index) == {"none", ft_label, ftm_label}  # same editor, two configs: told apart
     quality_md = md.split("### Reliability, generality, locality")[1].split("### Cost")[0]
     lines = {ln.split(" | ")[0][2:]: ln for ln in quality_md.splitlines() if ln.startswith("| ")}
@@ -320,7 +322,7 @@ def test_the_analysis_notebook_runs_on_a_results_folder(tiny_results, monkeypatc
     text = "".join(o.get("text", "") for o in outputs)
     assert "4 run(s)" in text and "no retention curves" in text
     tables = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
-    assert "| none |" in tables and "ft (editor.objective=target_new)" in tables and " ± " in tables
+    assert "| none |" in tables and "ft[easyedit-target_new]" in tables and " ± " in tables
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # metrics and cost figures
 
 

@@ -26,6 +26,7 @@ valid cases.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +37,8 @@ from editbench.data.ripple import load_ripple
 from editbench.data.sample import load_sample
 from editbench.data.zsre import load_zsre
 
-__all__ = ["LOADERS", "Cases", "load_cases", "load_train_cases"]
+__all__ = ["LOADERS", "SPLITS", "Cases", "evaluation_cases", "in_val", "load_cases", "load_train_cases",
+           "train_holds_val"]
 
 Loader = Callable[..., Cases]
 
@@ -67,10 +69,75 @@ def load_cases(kind: str, path: str | Path | None, limit: int | None = None,
     return LOADERS[kind](path, limit=limit, skip_invalid=skip_invalid)
 
 
+#: the values of ``data.split``
+SPLITS = ("val", "test", "all")
+
+
+def _val_settings(data_cfg) -> tuple[str, float, str]:
+    """(where the val part comes from, its share, the hash salt) of a data config."""
+    val = data_cfg.get("val") or {}
+    source = str(val.get("from", "eval"))
+    if source not in ("eval", "train"):
+        raise ValueError(f"data.val.from must be 'eval' or 'train', got {source!r}")
+    fraction = val.get("fraction", 0.1)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < float(fraction) < 1:
+        raise ValueError(f"data.val.fraction must be a number strictly between 0 and 1, got {fraction!r}")
+    if source == "train" and not data_cfg.get("train_path"):
+        raise ValueError(f"data.val.from=train but data '{data_cfg.get('name')}' has no train_path")
+    return source, float(fraction), str(val.get("salt", "editbench-val-1"))
+
+
+def in_val(case_id: str, fraction: float, salt: str) -> bool:
+    """Whether a case belongs to the val part: a hash of (salt, case id) below ``fraction``.
+    Deterministic, independent of the selection (``n_cases``, seeds) and of the other cases."""
+    h = int(hashlib.sha256(f"{salt}:{case_id}".encode()).hexdigest()[:15], 16)
+    return h / 16**15 < fraction
+
+
+def _part(cases: Cases, keep_val: bool, fraction: float, salt: str) -> Cases:
+    out = Cases(c for c in cases if in_val(c.case_id, fraction, salt) == keep_val)
+    out.n_skipped = getattr(cases, "n_skipped", 0)
+    return out
+
+
+def evaluation_cases(data_cfg) -> Cases:
+    """The evaluation cases of ``data.split`` (docs/protocol.md, "Splits"):
+
+    * ``val.from: eval``: ``val`` is the hashed share ``val.fraction`` of the evaluation file,
+      ``test`` the rest;
+    * ``val.from: train``: ``val`` is that share of the train file (held out of training),
+      ``test`` the whole evaluation file;
+    * ``all``: every record of the evaluation file (no split; e.g. the embedded sample).
+    """
+    split = str(data_cfg.get("split") or "all")
+    if split not in SPLITS:
+        raise ValueError(f"data.split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "all":
+        return load_cases(data_cfg.kind, data_cfg.get("path"))
+    source, fraction, salt = _val_settings(data_cfg)
+    if source == "train":
+        if split == "test":
+            return load_cases(data_cfg.kind, data_cfg.get("path"))
+        return _part(load_cases(data_cfg.get("train_kind") or data_cfg.kind, data_cfg.train_path), True,
+                     fraction, salt)
+    return _part(load_cases(data_cfg.kind, data_cfg.get("path")), split == "val", fraction, salt)
+
+
 def load_train_cases(data_cfg, editor_name: str) -> Cases:
     """The train split of a data config (``data.train_path``, read as ``data.train_kind`` or
-    ``data.kind``): what every editor that learns or builds a memory is given."""
+    ``data.kind``): what every editor that learns or builds a memory is given. When the val
+    part comes from the train file (``data.val.from: train``), its cases are left out."""
     path = data_cfg.get("train_path")
     if not path:
         raise ValueError(f"editor '{editor_name}' needs training data: set data.train_path")
-    return load_cases(data_cfg.get("train_kind") or data_cfg.kind, path)
+    cases = load_cases(data_cfg.get("train_kind") or data_cfg.kind, path)
+    if train_holds_val(data_cfg):
+        _, fraction, salt = _val_settings(data_cfg)
+        cases = _part(cases, False, fraction, salt)
+    return cases
+
+
+def train_holds_val(data_cfg) -> bool:
+    """True when the val part is held out of the train file (``data.val.from: train``, whatever
+    ``data.split`` a run evaluates): the trained editors then never see a val case."""
+    return (data_cfg.get("val") or {}).get("from") == "train"

@@ -11,9 +11,11 @@ import hydra
 from omegaconf import DictConfig
 
 from editbench.cli import guarded
+from editbench.validate import validate_config
 
 
 def train_only(cfg: DictConfig):
+    validate_config(cfg)   # the whole composed config, before anything slow
     from editbench.models import load_model
     from editbench.session import build_editor, check_compatible
     from editbench.train.loop import ensure_trained

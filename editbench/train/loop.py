@@ -21,7 +21,9 @@ docs/training.md is the user-facing description.
 * Cache: ``cache_dir("trained", <editor>, <key>)``; the key hashes the editor config (minus
   the keys the editor class lists in ``inference_only`` and the train settings that do not
   change the weights: ``progress``, ``val_every``, ``ckpt_every``), the model fingerprint,
-  the train data kind and a content hash of the train file(s), and the seed. The folder
+  the train data kind and a content hash of the train file(s), the val part held out of it
+  (``data.val.from: train``), the seed, and the fingerprint of the code that trains
+  (:func:`editbench.fingerprint.training_code`). The folder
   holds ``final.safetensors`` (the trained state; JSON meta), ``partial.safetensors``
   (trained state + optimiser state + step + history, every ``ckpt_every`` steps, written
   atomically; removed once the final checkpoint exists), ``history.csv`` and ``loss.png``.
@@ -54,8 +56,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from editbench.checkpoints import CheckpointError, checkpoint_key, load_checkpoint, save_checkpoint
-from editbench.data import load_train_cases
+from editbench.checkpoints import CheckpointError, checkpoint_key, load_checkpoint, read_meta, save_checkpoint
+from editbench.data import load_train_cases, train_holds_val
+from editbench.fingerprint import training_code
 from editbench.guard import weights_digest
 from editbench.models import cache_dir, model_fingerprint
 from editbench.plan import derived_seed, seed_all
@@ -182,7 +185,7 @@ def data_fingerprint(path: str | os.PathLike) -> str:
 def keyed_config(editor) -> dict[str, Any]:
     """The editor config as the cache key sees it: without inference-only keys and without
     the train settings that do not change the trained weights."""
-    drop = set(getattr(type(editor), "inference_only", ()) or ())
+    drop = set(getattr(type(editor), "inference_only", ()) or ()) | {"variant", "batch_edit"}  # protocol, not training
     out = {k: v for k, v in editor.cfg.items() if k not in drop and not str(k).startswith("_")}
     out["train"] = {k: v for k, v in {**TRAIN_DEFAULTS, **dict(editor.cfg.get("train") or {})}.items()
                     if k not in NOT_IN_KEY and not (k in KEY_WHEN_SET and v is None)}
@@ -196,8 +199,26 @@ def train_key(cfg, editor, settings: TrainSettings) -> tuple[str, dict[str, Any]
         raise ValueError(f"editor '{editor.name}' needs training data: set data.train_path")
     parts = {"editor": editor.name, "config": keyed_config(editor), "model": model_fingerprint(cfg.model),
              "data_kind": str(cfg.data.get("train_kind") or cfg.data.kind),
-             "data": data_fingerprint(train_path), "seed": settings.seed}
+             "data": data_fingerprint(train_path), "seed": settings.seed,
+             "code": training_code(type(editor))}
+    if train_holds_val(cfg.data):   # the val part is held out of the train file: other training data
+        val = cfg.data.val
+        parts["val_held_out"] = {"fraction": float(val.fraction), "salt": str(val.get("salt", "editbench-val-1"))}
     return checkpoint_key(parts), parts
+
+
+def stale_checkpoint(editor_name: str, parts: Mapping[str, Any]) -> Path | None:
+    """A final checkpoint of ``editor_name`` whose key parts equal ``parts`` except the code
+    fingerprint (trained by other code), or None."""
+    want = {k: v for k, v in json.loads(json.dumps(parts, default=str)).items() if k != "code"}
+    for path in sorted(cache_dir("trained", editor_name).glob(f"*/{FINAL}")):
+        try:
+            have = dict(read_meta(path).get("key_parts") or {})
+        except (CheckpointError, OSError, ValueError):
+            continue
+        if {k: v for k, v in have.items() if k != "code"} == want:
+            return path
+    return None
 
 
 def trained_dir(editor_name: str, key: str) -> Path:
@@ -310,15 +331,28 @@ def _folder_lock(folder: Path) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- the loop
-def ensure_trained(cfg, lm, editor) -> Path:
+def ensure_trained(cfg, lm, editor, reuse_stale: bool = False) -> Path:
     """Make ``editor`` trained: load the cached final checkpoint, or train (resuming from the
-    newest partial checkpoint). Returns the final checkpoint's path."""
+    newest partial checkpoint). Returns the final checkpoint's path.
+
+    The cache key includes the code fingerprint (:func:`editbench.fingerprint.training_code`):
+    a checkpoint trained by other code is not found, and the editor is trained again. With
+    ``reuse_stale`` such a checkpoint is loaded instead (its path, under another key, is
+    returned, so the caller can mark the results stale)."""
     if editor.training != "pipeline":
         raise ValueError(f"editor '{editor.name}' is not trained by editbench.train (training={editor.training!r})")
     settings = train_settings(editor)
     key, parts = train_key(cfg, editor, settings)
     folder = trained_dir(editor.name, key)
     final = folder / FINAL
+    if reuse_stale and not final.is_file():
+        old = stale_checkpoint(editor.name, parts)
+        if old is not None:
+            tensors, meta = load_checkpoint(old, expect_meta={"kind": "final"})
+            _load_state(editor, tensors, old)
+            log.warning("editor '%s': loaded %s, trained by other code (runner.reuse_stale=true); results are "
+                        "marked stale", editor.name, old)
+            return old
     with _folder_lock(folder):
         if final.is_file():
             meta = load_final(final, editor, key)

@@ -13,7 +13,14 @@ these choices:
   ``datasets`` library (``wikitext-103-raw-v1``, train split) instead.
 * **Samples**: the first ``n_samples`` texts of a seeded shuffle (seed 1, as the
   official ``tally(random_sample=1)``), each truncated to ``max_length`` tokens. When the
-  corpus has fewer texts, all are used (and the cache key records the real count).
+  corpus has fewer texts, all are used (and the cache key records the real count): the
+  llama2/gptj configs ask for the official 100,000, but the local
+  ``wiki_paragraphs.txt`` has 6,268 paragraphs, so their statistics use 6,268 texts.
+* **Provenance**: each cache file records the texts and tokens the statistics actually
+  used (``texts``, ``tokens``), and :func:`second_moments_with_provenance` returns them with
+  the corpus and the requested count; ROME/WilKE/R-ROME and MEMIT report them through
+  ``Editor.provenance()`` (the run's env.json, under ``editor.covariance``). Every call
+  logs one warning when the statistics use fewer texts than requested.
 * **One pass for all layers**: every requested layer is hooked at once and the forward
   pass stops after the deepest of them, so the layers above it cost nothing.
 * **Cache**: one file per (model fingerprint, module, corpus, count, dtype, max length)
@@ -33,7 +40,7 @@ import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -122,8 +129,6 @@ def corpus_texts(cfg: StatsConfig) -> list[str]:
         raise ValueError(f"covariance corpus '{cfg.dataset}' has no text")
     order = list(range(len(texts)))
     random.Random(1).shuffle(order)
-    if cfg.n_samples > len(texts):
-        log.warning("mom2_n_samples=%d but the corpus has %d texts; using all of them", cfg.n_samples, len(texts))
     return [texts[i] for i in order[:cfg.n_samples]]
 
 
@@ -138,45 +143,87 @@ def second_moments(model: nn.Module, tok, arch: ArchSpec, layers: Sequence[int],
     """``E[k k^T]`` of the inputs of ``arch.<template>`` at each layer, as float32 tensors on
     that module's device. Cached layers are loaded; the others are computed together
     in one pass over the corpus."""
+    return second_moments_with_provenance(model, tok, arch, layers, cfg, template)[0]
+
+
+def second_moments_with_provenance(model: nn.Module, tok, arch: ArchSpec, layers: Sequence[int], cfg: StatsConfig,
+                                   template: str = "mlp_out") -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    """:func:`second_moments` and what they were computed from::
+
+        {"corpus": <file or online name>, "corpus_id": <name-hash>, "corpus_texts": <non-empty
+         texts in the file, None online>, "requested_samples": n_samples, "texts": <texts
+         used>, "tokens": <tokens used>, "max_length": ..., "dtype": ..., "layers": [...],
+         "module": <template>}
+
+    ``texts`` and ``tokens`` are those recorded in the cache files (the same for every layer:
+    one pass over the same texts). Logs a warning when ``texts < requested_samples``.
+    """
     layers = sorted({arch.layer_index(i) for i in layers})
     if not layers:
-        return {}
+        return {}, {}
     fingerprint = weights_fingerprint(model)
     corpus = corpus_id(cfg)
     n_texts = n_texts_used(cfg)
     out: dict[int, torch.Tensor] = {}
+    used: dict[int, tuple[int, int]] = {}   # layer -> (texts, tokens)
     missing = []
     for layer in layers:
         path = stats_path(fingerprint, arch.name(template, layer), cfg, n_texts, corpus)
         if path.is_file():
-            out[layer] = torch.load(path, map_location="cpu", weights_only=True)["mom2"]
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            out[layer] = saved["mom2"]
+            # files written before "texts"/"tokens" were recorded hold n_texts / count
+            used[layer] = (int(saved.get("texts", saved.get("n_texts"))), int(saved.get("tokens", saved["count"])))
         else:
             missing.append(layer)
     if missing:
-        computed, count = _compute(model, tok, arch, missing, cfg, template)
+        computed, n_used, count = _compute(model, tok, arch, missing, cfg, template)
         for layer, mom2 in computed.items():
             path = stats_path(fingerprint, arch.name(template, layer), cfg, n_texts, corpus)
             _atomic_save({"mom2": mom2, "count": count, "corpus": corpus, "n_texts": n_texts,
+                          "texts": n_used, "tokens": count, "requested_samples": cfg.n_samples,
                           "module": arch.name(template, layer)}, path)
             out[layer] = mom2
-    return {layer: out[layer].to(device=_module_device(arch.module(model, template, layer)), dtype=torch.float32)
+            used[layer] = (n_used, count)
+    if len(set(used.values())) > 1:
+        log.warning("covariance statistics of layers %s were computed from different texts/tokens %s",
+                    layers, sorted(set(used.values())))
+    texts, tokens = used[layers[0]]
+    path = Path(cfg.dataset)
+    provenance = {"corpus": str(cfg.dataset) if path.is_file() else corpus, "corpus_id": corpus,
+                  "corpus_texts": corpus_size(cfg), "requested_samples": cfg.n_samples, "texts": texts,
+                  "tokens": tokens, "max_length": cfg.max_length, "dtype": cfg.dtype, "layers": layers,
+                  "module": template}
+    if texts < cfg.n_samples:
+        log.warning("covariance statistics use %d texts (%d tokens) of corpus %s, fewer than the %d requested "
+                    "(mom2_n_samples)", texts, tokens, provenance["corpus"], cfg.n_samples)
+    mom2 = {layer: out[layer].to(device=_module_device(arch.module(model, template, layer)), dtype=torch.float32)
             for layer in layers}
+    return mom2, provenance
 
 
-_N_TEXTS: dict[tuple[str, int], int] = {}
+_CORPUS_SIZE: dict[tuple[str, int, int], int] = {}
+
+
+def corpus_size(cfg: StatsConfig) -> int | None:
+    """Non-empty texts of the corpus file (None for the online corpus)."""
+    path = Path(cfg.dataset)
+    if not path.is_file():
+        return None
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _CORPUS_SIZE:
+        with open(path, encoding="utf-8") as f:
+            _CORPUS_SIZE[key] = sum(1 for line in f if line.strip())
+    return _CORPUS_SIZE[key]
 
 
 def n_texts_used(cfg: StatsConfig) -> int:
     """How many texts the statistics will actually use (min of n_samples and corpus size)."""
-    path = Path(cfg.dataset)
-    if not path.is_file():
+    size = corpus_size(cfg)
+    if size is None:
         return cfg.n_samples  # the online corpus is far larger than any sensible count
-    key = (str(path.resolve()), cfg.n_samples)
-    if key not in _N_TEXTS:
-        with open(path, encoding="utf-8") as f:
-            n = sum(1 for line in f if line.strip())
-        _N_TEXTS[key] = min(n, cfg.n_samples)
-    return _N_TEXTS[key]
+    return min(size, cfg.n_samples)
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -187,7 +234,8 @@ def _module_device(module: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def _compute(model: nn.Module, tok, arch: ArchSpec, layers: list[int], cfg: StatsConfig,
-             template: str) -> tuple[dict[int, torch.Tensor], int]:
+             template: str) -> tuple[dict[int, torch.Tensor], int, int]:
+    """(per layer E[k k^T], texts used, tokens used)."""
     texts = corpus_texts(cfg)
     dtype = DTYPES[cfg.dtype]
     sums: dict[int, torch.Tensor] = {}
@@ -213,6 +261,7 @@ def _compute(model: nn.Module, tok, arch: ArchSpec, layers: list[int], cfg: Stat
     encoded = [tok(t, truncation=True, max_length=cfg.max_length)["input_ids"] for t in texts]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     count = 0
+    n_used = 0
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(order), desc=f"layer stats ({len(layers)} layer(s))", disable=not cfg.progress,
@@ -235,13 +284,14 @@ def _compute(model: nn.Module, tok, arch: ArchSpec, layers: list[int], cfg: Stat
             except StopForward:
                 pass
             count += int(mask.sum())
+            n_used += len(batch)
             bar.update(len(batch))
     finally:
         bar.close()
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {layer: (acc / count).float().cpu() for layer, acc in sums.items()}, count
+    return {layer: (acc / count).float().cpu() for layer, acc in sums.items()}, n_used, count
 
 
 def _atomic_save(obj, path: Path) -> None:

@@ -34,7 +34,8 @@ here is our own. The pieces, in the order an edit uses them:
   the lookup column run once (a key/value cache), and the LM head is applied only at the
   positions the loss needs. On SmolLM2 this is ~3x faster than the plain loop.
 * :func:`rome_rank_one` (ROME's ``u``/``v``), :func:`memit_weight_delta` (MEMIT's
-  covariance-weighted least squares) and :func:`add_to_weight` (in place, Conv1D-aware).
+  covariance-weighted least squares) and :func:`add_to_weight` (in place, Conv1D-aware; in
+  half-precision models through the parameter's float32 master, editors/lib/precision.py).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ from editbench.models import ArchSpec
 from editbench.records import EditRequest
 from editbench.scoring import encode
 from editors.lib.forward import StopForward, StreamBatch, StreamDelta, layer_output
+from editors.lib.precision import write_rounded
 
 log = logging.getLogger(__name__)
 
@@ -468,7 +470,19 @@ def memit_weight_delta(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tenso
 
 
 @torch.no_grad()
-def add_to_weight(param: torch.Tensor, delta_out_in: torch.Tensor, arch: ArchSpec) -> None:
-    """``W += delta`` in place, with delta given as (out_features, in_features)."""
-    view = arch.weight_out_in(param)
-    view.add_(delta_out_in.to(device=view.device, dtype=view.dtype))
+def add_to_weight(param: torch.Tensor, delta_out_in: torch.Tensor, arch: ArchSpec,
+                  master: torch.Tensor | None = None) -> None:
+    """``W += delta`` in place, with delta given as (out_features, in_features).
+
+    With ``master`` (the parameter's float32 master in a half-precision model,
+    :meth:`editors.lib.precision.Float32Masters.master`), the delta is added to the master in
+    float32 and the model gets the master rounded to its dtype; without it (float32 models)
+    the delta is added to the weight itself.
+    """
+    if master is None:
+        view = arch.weight_out_in(param)
+        view.add_(delta_out_in.to(device=view.device, dtype=view.dtype))
+        return
+    mview = arch.weight_out_in(master)
+    mview.add_(delta_out_in.to(device=mview.device, dtype=torch.float32))
+    write_rounded(param, master)

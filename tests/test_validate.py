@@ -1,0 +1,206 @@
+"""editbench.validate: the whole composed config is checked before any data or model is loaded;
+a bad value is one line naming the key, the value and what is allowed (CLI exit 2)."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from editbench.editor import CONFIG_BOOKKEEPING
+from editbench.plan import plan_chunks
+from editbench.train.loop import TRAIN_DEFAULTS, train_settings
+from editbench.validate import RULES, validate_config
+from tests.conftest import CONF, ROOT, compose_cfg, toy_cases
+
+EDITORS = sorted(p.stem for p in (CONF / "editor").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
+
+#: (overrides, the key the error must name, a substring of what is allowed)
+BAD: list[tuple[tuple[str, ...], str, str]] = [
+    # runner
+    (("runner.steps=5",), "runner.steps", "must be a list of positive integers, e.g. [1,10,100]"),
+    (("runner.steps=[0]",), "runner.steps", "list of positive integers"),
+    (("runner.steps=[]",), "runner.steps", "list of positive integers"),
+    (("runner.steps=[1,-10]",), "runner.steps", "list of positive integers"),
+    (("runner.steps=[1.5]",), "runner.steps", "list of positive integers"),
+    (("~runner.steps",), "runner.steps", "is not set"),
+    (("runner.n_cases=0",), "runner.n_cases", "positive integer or null"),
+    (("runner.n_cases=-3",), "runner.n_cases", "positive integer or null"),
+    (("runner.n_cases=2.5",), "runner.n_cases", "positive integer or null"),
+    (("runner.seed=abc",), "runner.seed", "must be an integer"),
+    (("runner.seed=true",), "runner.seed", "must be an integer"),
+    (("runner.shuffle=yes",), "runner.shuffle", "true or false"),
+    (("runner.batch_size=0",), "runner.batch_size", "positive integer"),
+    (("runner.padding_side=middle",), "runner.padding_side", "right or left"),
+    (("runner.exact_match=1",), "runner.exact_match", "true or false"),
+    (("runner.batch_edit=sometimes",), "runner.batch_edit", "true, false or null"),
+    (("runner.reuse_stale=no",), "runner.reuse_stale", "true or false"),
+    (("runner.curve=2",), "runner.curve", "true or false"),
+    (("runner.progress=off",), "runner.progress", "true or false"),
+    # run folder
+    (("out_dir=''",), "out_dir", "non-empty string"),
+    (("out_dir=null",), "out_dir", "non-empty string"),
+    (("run_id=''",), "run_id", "non-empty name"),
+    (("run_id=[a]",), "run_id", "non-empty name"),
+    (("data_root=5",), "data_root", "a string"),
+    # data
+    (("data.name=''",), "data.name", "non-empty string"),
+    (("data.kind=nope",), "data.kind", "cf, dafset, ripe, sample, zsre"),
+    (("++data.train_kind=nope",), "data.train_kind", "dataset kind"),
+    (("data=cf", "data.path=null"), "data.path", "null only with data.kind=sample"),
+    (("data.path=5",), "data.path", "a string"),
+    (("data.train_path=5",), "data.train_path", "or null"),
+    (("data.cf_metrics=yes",), "data.cf_metrics", "true or false"),
+    (("data.split=train",), "data.split", "val, test, all"),
+    (("data.val=5",), "data.val", "a mapping"),
+    (("data.val.from=test",), "data.val.from", "eval or train"),
+    (("data=zsre", "data.train_path=null"), "data.val.from", "train needs data.train_path"),
+    (("data.val.fraction=0",), "data.val.fraction", "strictly between 0 and 1"),
+    (("data.val.fraction=1",), "data.val.fraction", "strictly between 0 and 1"),
+    (("data.val.fraction=1.5",), "data.val.fraction", "strictly between 0 and 1"),
+    (("data.val.fraction=true",), "data.val.fraction", "strictly between 0 and 1"),
+    (("data.val.salt=[a]",), "data.val.salt", "a string"),
+    # model
+    (("model.name=''",), "model.name", "non-empty string"),
+    (("model.description=[a]",), "model.description", "a string or null"),
+    (("model.source=local",), "model.source", "hf, gguf, random"),
+    (("model.family=mamba",), "model.family", "llama, gptj, gpt2, gpt_neox"),
+    (("model=tiny-llama", "model.family=gpt2"), "model.family", "model.source=random one of llama, gptj"),
+    (("model=tiny-llama", "model.family=null"), "model.family", "model.source=random one of llama, gptj"),
+    (("model.dtype=int8",), "model.dtype", "float32, bfloat16, float16"),
+    (("model.device=gpu",), "model.device", "cpu, cuda, cuda:N or auto"),
+    (("model.device=cuda:x",), "model.device", "cpu, cuda, cuda:N or auto"),
+    (("model=llama2", "model.path=null"), "model.path", "with model.source=hf"),
+    (("model=llama2", "model.path=''"), "model.path", "with model.source=hf"),
+    (("model=smollm2", "model.gguf=null"), "model.gguf", "package and file"),
+    (("model=smollm2", "~model.gguf.file"), "model.gguf", "package and file"),
+    (("model=tiny-llama", "model.tokenizer_from=null"), "model.tokenizer_from", "package and file"),
+    (("++model.tokenizer=5",), "model.tokenizer", "a string"),
+    (("model=tiny-llama", "model.arch=null"), "model.arch", "a mapping"),
+    (("model=tiny-llama", "model.seed=abc"), "model.seed", "an integer"),
+    (("model.trust_remote_code=yes",), "model.trust_remote_code", "true or false"),
+    # general ability
+    (("general.tasks=[csqa,trivia]",), "general.tasks", "csqa, anli, mmlu, squad2"),
+    (("general.tasks=csqa",), "general.tasks", "must be a list of task names"),
+    (("general.n=0",), "general.n", "positive integer or null"),
+    (("general.seed=-1",), "general.seed", "non-negative integer"),
+    (("general.path=[a]",), "general.path", "a string"),
+    (("general.source=web",), "general.source", "local or hf"),
+    (("general.files=5",), "general.files", "task -> path"),
+    (("general.files.csqa=[a]",), "general.files", "task -> path"),
+    (("general.splits=5",), "general.splits", "task -> split"),
+    (("general.format=mc",), "general.format", "letter or cloze"),
+    (("general.cloze_norm=max",), "general.cloze_norm", "sum or mean"),
+    (("general.chunks=0",), "general.chunks", "positive integer or null"),
+    (("general.max_tokens=0",), "general.max_tokens", "positive integer"),
+    (("general.squad_context_tokens=-5",), "general.squad_context_tokens", "positive integer"),
+    (("general.batch_size=0",), "general.batch_size", "positive integer or null"),
+    (("general.batch_tokens=0",), "general.batch_tokens", "positive integer"),
+    (("general.cache=no",), "general.cache", "true or false"),
+    # editor: the keys the harness reads
+    (("editor.name=nope",), "editor.name", "registered editor: "),
+    (("++editor.variant=[a]",), "editor.variant", "a string or null"),
+    (("++editor.batch_edit=yes",), "editor.batch_edit", "true, false or null"),
+    (("editor=mend", "editor.train=5"), "editor.train", "a mapping or null"),
+    (("editor=mend", "editor.train.steps=0"), "editor.train.steps", "positive integer"),
+    (("editor=mend", "editor.train.batch_size=0"), "editor.train.batch_size", "positive integer"),
+    (("editor=mend", "editor.train.lr=0"), "editor.train.lr", "> 0"),
+    (("editor=mend", "++editor.train.lr_schedule=linear"), "editor.train.lr_schedule", "constant or cosine"),
+    (("editor=mend", "++editor.train.warmup_steps=-1"), "editor.train.warmup_steps", "non-negative integer"),
+    (("editor=mend", "editor.train.weight_decay=-0.1"), "editor.train.weight_decay", ">= 0"),
+    (("editor=mend", "editor.train.grad_clip=0"), "editor.train.grad_clip", "> 0 or null"),
+    (("editor=mend", "editor.train.n_val=-1"), "editor.train.n_val", "non-negative integer"),
+    (("editor=mend", "editor.train.val_every=-1"), "editor.train.val_every", "non-negative integer"),
+    (("editor=mend", "editor.train.ckpt_every=0"), "editor.train.ckpt_every", "positive integer"),
+    (("editor=mend", "editor.train.seed=abc"), "editor.train.seed", "an integer"),
+    (("editor=mend", "editor.train.progress=yes"), "editor.train.progress", "true or false"),
+    (("editor=mend", "++editor.train.autocast=int8"), "editor.train.autocast", "bfloat16, float16"),
+    (("editor=mend", "+editor.train.epochs=3"), "editor.train.epochs", "not a train setting; valid: autocast"),
+]
+
+
+def _message(*overrides: str) -> str:
+    with pytest.raises(ValueError) as err:
+        validate_config(compose_cfg(*overrides))
+    return str(err.value)
+
+
+@pytest.mark.parametrize("overrides,key,allowed", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_a_bad_value_is_one_line_naming_the_key_the_value_and_what_is_allowed(overrides, key, allowed):
+    msg = _message(*overrides)
+    assert "\n" not in msg
+    assert msg.startswith(f"{key}=") or msg.startswith(f"{key} is not set:"), msg
+    assert allowed in msg, msg
+
+
+def test_every_rule_has_a_bad_value_and_every_harness_key_has_a_rule():
+    """The table above covers every rule, and the rules cover every key the shipped configs
+    give the harness (runner, run folder, data, model, general, the editor's bookkeeping and
+    train settings): a key added to a config without a rule fails here."""
+    rules = {r.key for r in RULES}
+    assert rules - {"editor.train.*"} <= {b[1] for b in BAD}
+    keys = {f"runner.{k}" for k in compose_cfg().runner} | {f"general.{k}" for k in compose_cfg().general}
+    keys |= {"out_dir", "run_id", "data_root"} | {f"editor.{k}" for k in CONFIG_BOOKKEEPING}
+    keys |= {"editor.train"} | {f"editor.train.{k}" for k in TRAIN_DEFAULTS}
+    for model in MODELS:
+        keys |= {f"model.{k}" for k in compose_cfg(f"model={model}").model}
+    for data in DATA:
+        cfg = compose_cfg(f"data={data}").data
+        keys |= {f"data.{k}" for k in cfg} | {f"data.val.{k}" for k in cfg.get("val") or {}}
+    assert keys - rules == set()
+
+
+@pytest.mark.parametrize("overrides,key,allowed", [b for b in BAD if b[1].startswith("editor.train.")
+                                                   and b[1] not in ("editor.train.progress",)],
+                         ids=lambda v: v if isinstance(v, str) else None)
+def test_train_setting_rules_are_the_pipelines_own(overrides, key, allowed):
+    """What validate refuses under editor.train, train_settings refuses too (no invented rule;
+    validate only says it before the model is loaded). ``progress`` is the exception: the loop
+    takes bool() of anything, validate wants true or false."""
+    value = compose_cfg(*overrides).editor.train[key.rsplit(".", 1)[1]]
+    with pytest.raises(ValueError):
+        train_settings(SimpleNamespace(name="mend", cfg={"train": {key.rsplit(".", 1)[1]: value}}))
+
+
+@pytest.mark.parametrize("editor", EDITORS)
+def test_every_shipped_editor_model_data_combination_validates(editor):
+    bad = []
+    for model in MODELS:
+        for data in DATA:
+            try:
+                validate_config(compose_cfg(f"editor={editor}", f"model={model}", f"data={data}"))
+            except ValueError as err:
+                bad.append(f"{editor} x {model} x {data}: {err}")
+    assert not bad, "\n".join(bad)
+
+
+def test_steps_larger_than_the_cases_run_with_a_clear_warning(caplog):
+    """T above the selected cases is not refused (other T of the run still run): the plan says
+    which T gets no chunk and why."""
+    validate_config(compose_cfg("runner.steps=[1,1000]", "runner.n_cases=3"))
+    with caplog.at_level(logging.WARNING, logger="editbench.runner"):
+        plan = plan_chunks(toy_cases(3), [1, 1000])
+    assert [T for T, _, _ in plan] == [1, 1, 1]
+    assert "T=1000: only 3 case(s) selected; no chunk of 1000 to run" in caplog.text
+
+
+def _cli(*args, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "editbench", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("override,key", [("runner.steps=5", "runner.steps"), ("runner.steps=[0]", "runner.steps"),
+                                          ("model.dtype=int8", "model.dtype")])
+def test_cli_bad_value_exits_2_with_one_line_and_no_traceback(tmp_path, override, key):
+    r = _cli("model=tiny-llama", override, f"out_dir={tmp_path}")
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if f"{key}=" in ln]
+    assert len(lines) == 1 and "must be" in lines[0], r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    assert not any(tmp_path.iterdir())  # refused before a run folder was made
