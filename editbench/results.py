@@ -17,6 +17,7 @@ Every file is written atomically (a temporary file in the same folder, then
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import platform
 import re
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -117,6 +119,9 @@ class RunDir:
         return self.chunk_file(T, idx).is_file()
 
     def write_chunk(self, T: int, idx: int, record: dict[str, Any]) -> None:
+        """Write a finished chunk's record atomically, with a checksum of its contents."""
+        record = {k: v for k, v in record.items() if k != "checksum"}
+        record["checksum"] = record_checksum(record)
         atomic_write_text(self.chunk_file(T, idx), json.dumps(record, indent=1, sort_keys=True))
 
     def read_chunk(self, T: int, idx: int) -> dict[str, Any]:
@@ -127,6 +132,24 @@ class RunDir:
         if not self.chunks.is_dir():
             return []
         return [_read_record(p) for p in sorted(self.chunks.glob("T*-c*.json"))]
+
+    def set_aside_invalid(self) -> list[Path]:
+        """Move every chunk file that is not a valid record (truncated, not JSON, edited by hand:
+        its checksum does not match) to ``chunks/invalid/``, with a warning naming it, so that it
+        is recomputed and never read as results. Call under the lock."""
+        moved = []
+        if not self.chunks.is_dir():
+            return moved
+        for path in sorted(self.chunks.glob("T*-c*.json")):
+            try:
+                _read_record(path)
+            except ValueError as err:
+                target = self.chunks / "invalid" / f"{path.name}.{int(time.time())}"
+                target.parent.mkdir(exist_ok=True)
+                os.replace(path, target)
+                log.warning("%s; moved to %s, the chunk is recomputed", err, target)
+                moved.append(target)
+        return moved
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -185,11 +208,19 @@ class RunDir:
         atomic_write_text(self.path / "env.json", json.dumps(env, indent=1, default=str))
 
 
+def record_checksum(record: dict[str, Any]) -> str:
+    """SHA-256 of a chunk record's canonical JSON (without its ``checksum`` field)."""
+    body = {k: v for k, v in record.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _read_record(path: Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(record, dict) or not isinstance(record.get("cases"), list):
             raise ValueError("no 'cases' list")
+        if "checksum" in record and record["checksum"] != record_checksum(record):
+            raise ValueError("its checksum does not match its contents: edited or damaged")
     except (OSError, ValueError) as err:
         raise ValueError(f"{path} is not a valid chunk record ({err}); delete it to recompute that chunk") from None
     return record

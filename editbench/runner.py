@@ -140,6 +140,7 @@ def run(cfg: DictConfig, cases: Sequence[EditCase] | None = None,
     run = results.RunDir(Path(cfg.out_dir) / run_id(cfg))
     with run.lock():
         run.remove_partial_files()
+        run.set_aside_invalid()
         results.atomic_write_text(run.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         plan = plan_chunks(selected, cfg.runner.steps)
         code = chunk_code(cls)

@@ -180,3 +180,28 @@ def test_the_training_key_depends_on_the_code_and_on_a_held_out_val_part(tmp_pat
     path = ensure_trained(held, tiny_llama, editor)
     assert path.is_file()
 
+
+
+# --------------------------------------------------------------------------- one folder per config
+RESULT_KEYS = ["runner.seed=1", "runner.n_cases=7", "runner.shuffle=false", "runner.batch_size=8",
+               "runner.padding_side=left", "runner.exact_match=false", "runner.batch_edit=false", "runner.curve=true",
+               "data.split=val", "data.val.fraction=0.2", "data.val.salt=other", "data.cf_metrics=false",
+               "model.dtype=bfloat16", "editor.lr=0.5", "editor.layers=[1]", "editor.variant=mine",
+               "general.tasks=[csqa]", "general.n=5"]
+NOT_RESULT_KEYS = ["runner.progress=false", "runner.steps=[1]", "runner.reuse_stale=true", "out_dir=elsewhere"]
+
+
+@pytest.mark.parametrize("override", RESULT_KEYS)
+def test_a_setting_that_changes_results_gets_its_own_run_folder(override):
+    from editbench.plan import run_id
+
+    base = ["model=tiny-llama", "editor=ft", "data=cf"]
+    assert run_id(compose_cfg(*base, override)) != run_id(compose_cfg(*base))
+
+
+@pytest.mark.parametrize("override", NOT_RESULT_KEYS)
+def test_a_setting_that_does_not_change_results_keeps_the_run_folder(override):
+    from editbench.plan import run_id
+
+    base = ["model=tiny-llama", "editor=ft", "data=cf"]
+    assert run_id(compose_cfg(*base, override)) == run_id(compose_cfg(*base))

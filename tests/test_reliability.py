@@ -25,7 +25,7 @@ from editbench.checkpoints import (CheckpointError, checkpoint_key, load_checkpo
 from editbench.models import load_model
 from editbench.records import DataError, EditCase, EditFailed, EditRequest
 from editbench.registry import EDITORS, register
-from editbench.results import NONDETERMINISTIC_METRICS, RunDir, RunFolderBusy, default_file_mode
+from editbench.results import NONDETERMINISTIC_METRICS, RunDir, RunFolderBusy, default_file_mode, record_checksum
 from editbench.guard import RestoreError, WeightGuard
 from editbench.runner import run
 from editbench.session import check_compatible
@@ -307,7 +307,8 @@ def test_resume_refuses_chunks_computed_on_other_data(tmp_path, tiny_llama, capl
     chunk = path / "chunks" / "T1-c2.json"
     record = json.loads(chunk.read_text())
     assert len(record["code"]) == 12
-    chunk.write_text(json.dumps({**record, "code": "older-code"}))
+    older = {**record, "code": "older-code"}   # as other code would have written it
+    chunk.write_text(json.dumps({**older, "checksum": record_checksum(older)}))
     with caplog.at_level("WARNING", logger="editbench.runner"):
         run(cfg, cases=toy_cases(4), lm=tiny_llama)
     assert "1 finished chunk(s) in" in caplog.text and "were computed by other code" in caplog.text
@@ -320,9 +321,23 @@ def test_resume_refuses_chunks_computed_on_other_data(tmp_path, tiny_llama, capl
     edited[2].request = EditRequest("The capital of Country2 is", "Lyon", "Country2")  # same id, new target
     with pytest.raises(ValueError, match=r"T1-c2.json was computed on other contents of cases \['toy2'\]"):
         run(cfg, cases=edited, lm=tiny_llama)
-    (path / "chunks" / "T2-c0.json").write_text('{"T": 2, "cas')  # a damaged record
-    with pytest.raises(ValueError, match=r"T2-c0.json is not a valid chunk record .*delete it to recompute"):
+    # a damaged record and a hand-edited one: detected, reported with their paths, set aside
+    # and recomputed; never read as results
+    whole = run(cfg, cases=toy_cases(4), lm=tiny_llama)
+    want = pd.read_csv(whole / "summary.csv")
+    (path / "chunks" / "T2-c0.json").write_text('{"T": 2, "cas')
+    edited_record = json.loads((path / "chunks" / "T1-c1.json").read_text())
+    edited_record["cases"][0]["metrics"]["reliability"] = 1.0
+    (path / "chunks" / "T1-c1.json").write_text(json.dumps(edited_record))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="editbench.results"):
         run(cfg, cases=toy_cases(4), lm=tiny_llama)
+    assert "T2-c0.json is not a valid chunk record" in caplog.text
+    assert "T1-c1.json is not a valid chunk record (its checksum does not match" in caplog.text
+    assert sorted(p.name.split(".json")[0] for p in (path / "chunks" / "invalid").iterdir()) == ["T1-c1", "T2-c0"]
+    got = pd.read_csv(path / "summary.csv")
+    quality = ~got.metric.isin(["edit_time_s", "infer_time_s", "infer_overhead", "peak_mem_mb"])
+    pd.testing.assert_frame_equal(got[quality].reset_index(drop=True), want[quality].reset_index(drop=True))
 
 
 def test_a_second_process_on_the_same_run_folder_is_refused_and_partial_files_are_removed(tmp_path, tiny_llama):
