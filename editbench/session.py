@@ -82,10 +82,11 @@ def prepare_editor(cfg: DictConfig, lm: LoadedModel, editor) -> str | None:
         from editbench.train import ensure_trained
 
         # cached checkpoint, or train / resume
-        from editbench.train import train_key, train_settings
+        from editbench.checkpoints import read_meta
+        from editbench.fingerprint import training_code
 
         path = ensure_trained(cfg, lm, editor, reuse_stale=bool(cfg.runner.get("reuse_stale")))
-        if path.parent.name != train_key(cfg, editor, train_settings(editor))[0]:
+        if (read_meta(path).get("key_parts") or {}).get("code") != training_code(type(editor)):
             return f"checkpoint {path} was trained by other code"
     if editor.training == "fit":
         from editbench.data import load_train_cases

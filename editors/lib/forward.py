@@ -182,9 +182,12 @@ class StreamDelta:
             P = batch.column
             cache = self._prefix_cache(batch)
             passed = copy.deepcopy(cache) if cache is not None else None
-            stack = UpperStack.capture(self.model, self.arch, layer + 1, batch.input_ids[:, P:], batch.attention_mask,
+            # the layers' keyword arguments are the same for every layer: capture them at layer 0
+            # (only the embedding lookup runs), as UpperStack.from_hidden does
+            first = UpperStack.capture(self.model, self.arch, 0, batch.input_ids[:, P:], batch.attention_mask,
                                        position_ids=batch.position_ids[:, P:], past_key_values=passed,
                                        use_cache=cache is not None)
+            stack = UpperStack(self.model, self.arch, layer + 1, first.hidden, first.args, first.kwargs)
             key = next((k for k, v in stack.kwargs.items() if v is passed), None) if passed is not None else None
             if passed is not None and key is None:
                 raise RuntimeError("the decoder layers do not receive the key/value cache as a keyword argument")
