@@ -14,6 +14,11 @@
 Inside a job of a ``-m`` sweep an error must fail that job, not exit the process (which
 would stop the basic launcher's remaining jobs): there the bad-input and restore errors
 are raised again as plain (picklable) ``RuntimeError``.
+
+A data config may carry its own runner defaults (``data.runner.steps``,
+``data.runner.n_cases``; the embedded ``data=sample`` does, so that the first run is short):
+:func:`with_data_runner` puts them into ``runner`` unless the command line sets that
+runner key itself (docs/data.md, "The embedded sample").
 """
 from __future__ import annotations
 
@@ -72,6 +77,39 @@ def _fail(message: str, in_sweep: str, status: int) -> None:
     if in_multirun():  # the launcher records this job as failed and runs the sweep's other jobs
         raise RuntimeError(in_sweep) from None
     sys.exit(status)
+
+
+#: the runner keys a data config may set for itself under ``data.runner``
+DATA_RUNNER_KEYS = ("steps", "n_cases")
+
+
+def command_line_keys() -> set[str]:
+    """The config keys the command line of this Hydra job overrides (empty outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+
+
+def with_data_runner(cfg, given: set[str] | None = None):
+    """``cfg`` with the data config's own runner defaults (``data.runner.<key>``) copied into
+    ``runner.<key>``, except the keys in ``given`` (default: the command line's overrides),
+    which the user chose. Returns ``cfg`` itself when the data config has none."""
+    import copy
+
+    from omegaconf import open_dict
+
+    own = cfg.data.get("runner") if "data" in cfg else None
+    if not own:
+        return cfg
+    given = command_line_keys() if given is None else given
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        for key in DATA_RUNNER_KEYS:
+            if key in own and f"runner.{key}" not in given:
+                out.runner[key] = own[key]
+    return out
 
 
 def guarded(work: Callable[[], T], on_interrupt: str) -> T:

@@ -10,6 +10,8 @@
 * :func:`pending_chunks`: the planned chunks still to compute; a finished chunk must hold
   the cases the plan puts in it (:func:`cases_fingerprint`), and one computed by other code
   (:mod:`editbench.fingerprint`) is recomputed unless ``runner.reuse_stale=true``.
+* :func:`edit_schedule`: how a chunk's edits are grouped (``runner.edit_batch_size``,
+  ``runner.batch_edit``, the editor's ``batch_edit`` protocol).
 * Seeds: :func:`derived_seed` and :func:`seed_all`, the one way every part of the harness
   (edits, training steps) derives and sets its seeds.
 """
@@ -59,7 +61,27 @@ def batch_mode(cfg: DictConfig) -> bool:
     """Whether a chunk's edits go in one ``edit_batch``: ``runner.batch_edit`` when set, else
     the editor's protocol (``editor.batch_edit``, e.g. MALMEN's batch edits)."""
     chosen = cfg.runner.get("batch_edit")
+    if chosen is None and cfg.runner.get("edit_batch_size") is not None:
+        return False   # runner.edit_batch_size decides the batches (edit_schedule)
     return bool(cfg.editor.get("batch_edit", False)) if chosen is None else bool(chosen)
+
+
+def edit_schedule(cfg: DictConfig, T: int, supports_batch: bool) -> tuple[list[range], bool]:
+    """How a chunk of T edits is applied: consecutive groups of chunk positions, and whether
+    each group goes through one ``edit_batch`` (True) or one ``edit`` per position (False).
+
+    * ``runner.edit_batch_size=B``: groups of B (the last one may be shorter), through
+      ``edit_batch`` where the editor ``supports_batch`` (B=1 without it: plain ``edit``);
+    * else :func:`batch_mode`: one group of T through ``edit_batch``;
+    * else: one ``edit`` per case.
+    """
+    B = cfg.runner.get("edit_batch_size")
+    if B is not None:
+        B = int(B)
+        return [range(s, min(s + B, T)) for s in range(0, T, B)], supports_batch
+    if batch_mode(cfg):
+        return [range(T)], True
+    return [range(k, k + 1) for k in range(T)], False
 
 
 # --------------------------------------------------------------------------- cases and chunks
@@ -93,8 +115,24 @@ def run_id(cfg: DictConfig) -> str:
     keyed.get("runner", {}).pop("steps", None)
     keyed.get("runner", {}).pop("progress", None)
     keyed.get("runner", {}).pop("reuse_stale", None)   # decides reuse, not results
+    keyed_eval(keyed)
+    if keyed.get("runner", {}).get("edit_batch_size") is None:   # unset: the ids of runs made before the key
+        keyed.get("runner", {}).pop("edit_batch_size", None)
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{cfg.editor.name}_{cfg.model.name}_{cfg.data.name}_{digest}"
+
+
+def keyed_eval(keyed: dict) -> None:
+    """Keep in the run id only the ``eval`` keys that change results: none with the defaults
+    (teacher forcing after the chunk), so that runs from before ``eval`` existed keep their id;
+    ``eval.when`` once it is not ``after_chunk``; the WILD keys only when WILD is scored."""
+    ev = dict(keyed.pop("eval", None) or {})
+    if ev.get("mode", "teacher_forced") == "teacher_forced":
+        ev = {k: v for k, v in ev.items() if not (k.startswith("wild_") or k in ("judge", "mode"))}
+    if ev.get("when", "after_chunk") == "after_chunk":
+        ev.pop("when", None)
+    if ev:
+        keyed["eval"] = ev
 
 
 def check_unique_ids(cases: Sequence[EditCase]) -> None:

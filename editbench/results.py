@@ -7,7 +7,8 @@ A run folder ``out_dir/<run_id>/`` holds:
   These are the source of truth: a rerun skips every chunk whose file exists;
 * ``cases.csv``: one row per case x T x metric (probe family), rebuilt from the chunks;
 * ``summary.csv``: one row per editor x model x data x T x metric with the mean, a 95%
-  bootstrap confidence interval and n (DESIGN.md, "Stable interface").
+  bootstrap confidence interval and n (DESIGN.md, "Stable interface"); the ``split`` and
+  ``edit_batch_size`` columns say which cases and how many edits per editor call.
 * ``.lock``: held (``flock``) by the process running the folder, so that two processes
   never compute the same chunks; the kernel releases it when the process dies.
 
@@ -32,8 +33,9 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pandas as pd
 
-SUMMARY_COLUMNS = ["editor", "model", "data", "split", "T", "metric", "mean", "ci_low", "ci_high", "n"]
-CASE_COLUMNS = ["editor", "model", "data", "split", "T", "chunk", "case_id", "metric", "value"]
+SUMMARY_COLUMNS = ["editor", "model", "data", "split", "edit_batch_size", "T", "metric", "mean", "ci_low", "ci_high",
+                   "n"]
+CASE_COLUMNS = ["editor", "model", "data", "split", "edit_batch_size", "T", "chunk", "case_id", "metric", "value"]
 
 
 def editor_label(editor_cfg) -> str:
@@ -49,12 +51,13 @@ def run_meta(cfg) -> dict[str, str]:
             "split": str(cfg.data.get("split") or "all")}
 #: summary metrics that measure time or memory: they differ between two runs of the same
 #: config; every other metric is reproducible (docs/reliability.md, "Determinism")
-NONDETERMINISTIC_METRICS = ("edit_time_s", "infer_time_s", "infer_overhead", "peak_mem_mb")
+NONDETERMINISTIC_METRICS = ("edit_time_s", "infer_time_s", "infer_overhead", "peak_mem_mb", "cpu_s_per_case",
+                            "wild_infer_time_s")
 
 log = logging.getLogger(__name__)
 #: names of the temporary files atomic_write_text creates for the files of a run folder
 _PARTIAL = re.compile(
-    r"^\.(config\.yaml|env\.json|cases\.csv|summary\.csv|curve\.csv|metrics\.png|curve\.png|T\d+-c\d+\.json)"
+    r"^\.(config\.yaml|env\.json|cases\.csv|summary\.csv|generations\.jsonl|curve\.csv|metrics\.png|curve\.png|T\d+-c\d+\.json)"
     r"\.[^.]+(\.png)?$")
 
 
@@ -265,7 +268,7 @@ def cases_table(chunks: list[dict[str, Any]], meta: dict[str, str]) -> pd.DataFr
             if not c.get("metrics"):
                 rows.append({**base, "metric": "", "value": np.nan})
     cols = CASE_COLUMNS + ["status", "error", "edit_time_s", "info"]
-    return pd.DataFrame(rows, columns=cols)
+    return with_edit_batch_size(pd.DataFrame(rows, columns=cols), chunks)
 
 
 def summary_table(chunks: list[dict[str, Any]], meta: dict[str, str], n_boot: int = 1000,
@@ -303,6 +306,11 @@ def summary_table(chunks: list[dict[str, Any]], meta: dict[str, str], n_boot: in
                                for ch in chs if ch.get("reference_timing", {}).get("queries")
                                and ch["reference_timing"]["seconds"] > 0
                                and ch.get("timing", {}).get("queries")])  # 0 when every edit failed
+        # WILD generation after the edits, seconds per generated answer (eval.mode wild / both)
+        add("wild_infer_time_s", [ch["wild"]["timing"]["seconds"] / ch["wild"]["timing"]["queries"] for ch in chs
+                                  if (ch.get("wild") or {}).get("timing", {}).get("queries")])
+        # the whole chunk (scoring, edits, reset) in process CPU seconds per case of the chunk
+        add("cpu_s_per_case", [ch["cpu_s"] / T for ch in chs if ch.get("cpu_s") is not None])
         mems = [ch["peak_mem_mb"] for ch in chs if ch.get("peak_mem_mb") is not None]
         if mems:
             rows.append({**meta, "T": T, "metric": "peak_mem_mb", "mean": max(mems), "ci_low": max(mems),
@@ -318,11 +326,56 @@ def summary_table(chunks: list[dict[str, Any]], meta: dict[str, str], n_boot: in
         if n_stale:
             rows.append({**meta, "T": T, "metric": "stale_chunks", "mean": n_stale, "ci_low": n_stale,
                          "ci_high": n_stale, "n": len(chs)})
-    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    return with_edit_batch_size(pd.DataFrame(rows, columns=SUMMARY_COLUMNS), chunks)
+
+
+def with_edit_batch_size(df: pd.DataFrame, chunks: list[dict[str, Any]]) -> pd.DataFrame:
+    """Fill the ``edit_batch_size`` column: per T, the most edits one editor call applied in
+    its chunks (1: sequential ``edit``; T: one ``edit_batch`` per chunk; B:
+    ``runner.edit_batch_size=B``), from the chunk records (empty for records written before
+    they held it)."""
+    sizes: dict[int, int] = {}
+    for ch in chunks:
+        if ch.get("edit_batch_size") is not None:
+            sizes[ch["T"]] = max(sizes.get(ch["T"], 0), int(ch["edit_batch_size"]))
+    df["edit_batch_size"] = df["T"].map(sizes).astype("Int64")
+    return df
+
+
+def with_judge(df: pd.DataFrame, chunks: list[dict[str, Any]]) -> pd.DataFrame:
+    """Add a ``judge`` column when WILD was scored: the judge named on each ``wild_*`` row of
+    the judged metrics (reliability, generality; locality compares two answers by normalised
+    exact match, F1 is token F1), empty elsewhere; chunks judged differently are listed."""
+    judges: dict[int, set[str]] = {}
+    for ch in chunks:
+        if ch.get("wild"):
+            judges.setdefault(ch["T"], set()).add(str(ch["wild"].get("judge", "")))
+    if not judges:
+        return df
+    judged = df["metric"].str.match(r"^wild_(reliability|generality)")
+    df["judge"] = [",".join(sorted(judges.get(t, ()))) if j else "" for t, j in zip(df["T"], judged)]
+    return df
+
+
+def generations_jsonl(chunks: list[dict[str, Any]], meta: dict[str, str]) -> str:
+    """One JSON line per WILD query of every case: the run's columns, T, chunk, case, status
+    and the chunk record's entry (query, prompt, target, aliases, generation, raw, score, f1,
+    unedited for locality), so that answers can be read and re-judged offline."""
+    lines = []
+    for ch in sorted(chunks, key=lambda c: (c["T"], c["chunk"])):
+        for c in ch["cases"]:
+            for g in c.get("generations") or []:
+                row = {**meta, "T": ch["T"], "chunk": ch["chunk"], "case_id": c["case_id"],
+                       "status": c.get("status", "ok"), "context": (ch.get("wild") or {}).get("context"),
+                       "judge": (ch.get("wild") or {}).get("judge"), **g}
+                lines.append(json.dumps(row, ensure_ascii=False, sort_keys=True))
+    return "".join(line + "\n" for line in lines)
 
 
 _ORDER = ["reliability", "generality", "locality", "gen_exact_match", "cf_efficacy", "cf_paraphrase",
-          "cf_neighborhood", "unedited"]
+          "cf_neighborhood", "unedited",
+          "wild_reliability", "wild_generality", "wild_locality", "wild_f1_reliability", "wild_f1_generality",
+          "wild_f1_locality"]
 
 
 def _metric_order(metric: str) -> tuple[int, str]:
@@ -335,6 +388,8 @@ def write_tables(run: RunDir, meta: dict[str, str], code: str | None = None) -> 
     current ``code`` fingerprint, chunks from other code are counted as ``stale_chunks``."""
     chunks = run.read_chunks()
     atomic_write_csv(run.path / "cases.csv", cases_table(chunks, meta))
-    summary = summary_table(chunks, meta, code=code)
+    summary = with_judge(summary_table(chunks, meta, code=code), chunks)
     atomic_write_csv(run.path / "summary.csv", summary)
+    if any("generations" in c for ch in chunks for c in ch["cases"]):
+        atomic_write_text(run.path / "generations.jsonl", generations_jsonl(chunks, meta))
     return summary

@@ -8,8 +8,12 @@ is dropped and reported), and for each chunk:
    locality reference, the ``unedited/*`` metrics and the reference time for
    ``infer_overhead`` (same queries, same batches as the post-edit pass);
 2. apply the T edits one after another (or one ``edit_batch`` with
-   ``runner.batch_edit=true``), timing each;
-3. score every probe of the chunk after the T-th edit;
+   ``runner.batch_edit=true``, or consecutive ``edit_batch`` calls of B edits with
+   ``runner.edit_batch_size=B``: :func:`editbench.plan.edit_schedule`), timing each;
+3. score every probe of the chunk after the T-th edit (``eval.when=after_each``: each case's
+   probes right after its own edit call instead); ``eval.mode`` picks teacher forcing, WILD
+   generation or both (:class:`editbench.scoring.Scorer`), and under WILD the chunk record
+   keeps what the model said (``generations.jsonl``);
 4. ``reset()`` and verify that every parameter the editor touched is bit-identical to
    the original and that no module was left replaced or hooked.
 
@@ -62,10 +66,10 @@ from editbench import results
 from editbench.fingerprint import chunk_code
 from editbench.guard import RestoreError, nonfinite_parameters
 from editbench.models import LoadedModel
-from editbench.plan import (Planned, batch_mode, cases_fingerprint, check_unique_ids, edit_seed, pending_chunks,
+from editbench.plan import (Planned, cases_fingerprint, check_unique_ids, edit_schedule, edit_seed, pending_chunks,
                             plan_chunks, run_id, seed_all, select_cases)
 from editbench.records import EditCase, EditFailed
-from editbench.scoring import sync
+from editbench.scoring import Timing, sync
 from editbench.session import Session, check_compatible, open_session
 from editbench.validate import validate_config
 
@@ -86,6 +90,12 @@ def geometric_grid(limit: int) -> list[int]:
         grid += [v for v in (base, 2 * base, 5 * base) if v <= limit]
         base *= 10
     return grid
+
+
+def eval_when(cfg: DictConfig) -> str:
+    """``eval.when``: score after the chunk's T-th edit (``after_chunk``, the lifelong protocol)
+    or each case right after its own edit call (``after_each``, EasyEdit's sequential numbers)."""
+    return str((cfg.get("eval") or {}).get("when", "after_chunk"))
 
 
 def curve_checkpoints(T: int) -> list[int]:
@@ -215,6 +225,7 @@ def run_chunk(ctx: Session, T: int, idx: int, chunk: list[EditCase]) -> dict[str
 
 def _run_chunk(ctx: Session, T: int, idx: int, chunk: list[EditCase]) -> dict[str, Any]:
     cfg, editor, scorer, model = ctx.cfg, ctx.editor, ctx.scorer, ctx.lm.model
+    cpu0, wall0 = time.process_time(), time.perf_counter()  # the chunk's CPU seconds (all threads) and wall
     seed = int(cfg.runner.seed)
     seed_all(edit_seed(seed, T, idx, -1))
     device = editor.device
@@ -234,55 +245,73 @@ def _run_chunk(ctx: Session, T: int, idx: int, chunk: list[EditCase]) -> dict[st
     curve_at: set[int] = set()
     infos: list[dict[str, Any] | None] = [None] * T
     times: list[float | None] = [None] * T
-    if batch_mode(cfg):
-        seed_all(edit_seed(seed, T, idx, 0))
+    groups, batched = edit_schedule(cfg, T, editor.supports_batch)
+    applied: list[int] = []
+    if ctx.curve_scorer is not None and T >= CURVE_MIN_T:
+        curve_at = set(curve_checkpoints(T))
+    progress = cfg.runner.progress and len(groups) >= 10
+    after_each = eval_when(cfg) == "after_each"
+    each: dict[str, dict[str, float]] = {}
+    each_timing, each_wild = Timing(), Timing()
+    each_faults: dict[str, list[str]] = {}
+    each_gens: dict[str, list[dict]] = {}
+    for group in tqdm(groups, desc=f"T={T} edits", leave=False, disable=not progress):
+        k = group[0]
+        seed_all(edit_seed(seed, T, idx, k))
         sync(device)
         t0 = time.perf_counter()
-        info, fault = _attempt(editor.edit_batch, [c.request for c in chunk])
-        sync(device)
-        times = [(time.perf_counter() - t0) / T] * T
-        fault = fault or _nonfinite_fault(model, editor.touched_parameters())
-        if fault:
-            failures = {k: fault for k in range(T)}
-            log.warning("T=%d chunk %d: the batched edit failed (%s); all %d cases are marked failed", T, idx, fault, T)
-            _reset_and_verify(ctx)
-        else:
-            infos = [info] * T
-    else:
-        applied: list[int] = []
-        curve_at = set(curve_checkpoints(T)) if ctx.curve_scorer is not None and T >= CURVE_MIN_T else set()
-        progress = cfg.runner.progress and T >= 10
-        for k, case in enumerate(tqdm(chunk, desc=f"T={T} edits", leave=False, disable=not progress)):
-            seed_all(edit_seed(seed, T, idx, k))
-            sync(device)
-            t0 = time.perf_counter()
-            try:
-                info, fault = _attempt(editor.edit, case.request)
-            except Exception as err:
-                err.add_note(f"editor '{editor.name}', edit {k + 1} of {T} in chunk {idx} of T={T}: case "
-                             f"{case.case_id} ({case.source or 'no source'})")
-                raise
-            sync(device)
-            times[k] = time.perf_counter() - t0
-            fault = fault or _nonfinite_fault(model, editor.touched_parameters())
-            if fault is None:
-                infos[k] = info
-                applied.append(k)
+        try:
+            if batched:
+                info, fault = _attempt(editor.edit_batch, [chunk[j].request for j in group])
             else:
-                failures[k] = fault
+                info, fault = _attempt(editor.edit, chunk[k].request)
+        except Exception as err:
+            what = f"edit {k + 1}" if len(group) == 1 else f"the batch of edits {k + 1}-{group[-1] + 1}"
+            first = "case" if len(group) == 1 else "first case"
+            err.add_note(f"editor '{editor.name}', {what} of {T} in chunk {idx} of T={T}: {first} "
+                         f"{chunk[k].case_id} ({chunk[k].source or 'no source'})")
+            raise
+        sync(device)
+        elapsed = time.perf_counter() - t0
+        fault = fault or _nonfinite_fault(model, editor.touched_parameters())
+        for j in group:
+            times[j] = elapsed / len(group)
+        if fault is None:
+            for j in group:
+                infos[j] = info
+            applied += list(group)
+        else:
+            failures.update({j: fault for j in group})
+            if len(group) == 1:
                 log.warning("T=%d chunk %d: edit of case %s failed (%s); resetting the editor and replaying the "
-                            "%d earlier edit(s) of the chunk", T, idx, case.case_id, fault, len(applied))
-                _reset_and_verify(ctx)
-                _replay(ctx, chunk, applied, seed, T, idx)
-            if k + 1 in curve_at and k + 1 < T and applied:
-                curve += curve_entries(k + 1, _reliability_so_far(ctx, chunk, applied))
+                            "%d earlier edit(s) of the chunk", T, idx, chunk[k].case_id, fault, len(applied))
+            else:
+                log.warning("T=%d chunk %d: the batched edit of positions %d-%d failed (%s); its %d cases are marked "
+                            "failed; resetting the editor and replaying the %d earlier edit(s) of the chunk",
+                            T, idx, k + 1, group[-1] + 1, fault, len(group), len(applied))
+            _reset_and_verify(ctx)
+            _replay(ctx, chunk, [g for g in groups if g[0] in applied], batched, seed, T, idx)
+        if after_each:  # eval.when=after_each: this call's cases, on the model as it stands now
+            model.eval()
+            got, t_each = scorer.score(editor, [chunk[j] for j in group])
+            each.update(got)
+            each_timing.add(t_each)
+            each_wild.add(scorer.wild_timing)
+            each_faults.update(scorer.nonfinite)
+            each_gens.update(scorer.generations)
+        end = group[-1] + 1
+        if end in curve_at and end < T and applied:
+            curve += curve_entries(end, _reliability_so_far(ctx, chunk, applied))
 
     # Every case is scored, on the model as it stands: a failed edit was rolled back (its case
     # is scored as not edited), so every mean covers every case.
     model.eval()
-    edited, timing = scorer.score(editor, chunk)
-    logit_faults = {cid: f"NaN/Inf logits after the edits on {', '.join(what)}"
-                    for cid, what in scorer.nonfinite.items()}
+    if after_each:
+        edited, timing, wild_timing, faults, generations = each, each_timing, each_wild, each_faults, each_gens
+    else:
+        edited, timing = scorer.score(editor, chunk)
+        wild_timing, faults, generations = scorer.wild_timing, scorer.nonfinite, scorer.generations
+    logit_faults = {cid: f"NaN/Inf logits after the edits on {', '.join(what)}" for cid, what in faults.items()}
     extra = {name: hook(editor, T, idx) for name, hook in ctx.after_edit_hooks.items()}
     stats = editor.stats()
     _reset_and_verify(ctx)
@@ -299,6 +328,8 @@ def _run_chunk(ctx: Session, T: int, idx: int, chunk: list[EditCase]) -> dict[st
             if key in unedited[case.case_id]:
                 metrics[f"unedited/{key}"] = unedited[case.case_id][key]
         entry["metrics"] = metrics
+        if scorer.mode != "teacher_forced":
+            entry["generations"] = generations.get(case.case_id, [])
         cases.append(entry)
     record = {"T": T, "chunk": idx, "cases": cases, "editor_stats": stats, "peak_mem_mb": peak_mem_mb(device),
               "timing": {"seconds": timing.seconds, "queries": timing.queries},
@@ -309,6 +340,11 @@ def _run_chunk(ctx: Session, T: int, idx: int, chunk: list[EditCase]) -> dict[st
         curve += curve_entries(T, final) if final else []
         record["curve"] = curve
     record.update(extra)
+    if scorer.mode != "teacher_forced":
+        record["wild"] = {"judge": scorer.judge_name, "context": scorer.wild.context,
+                          "timing": {"seconds": wild_timing.seconds, "queries": wild_timing.queries}}
+    record["edit_batch_size"] = max(len(g) for g in groups)   # edits per editor call (summary.csv)
+    record["cpu_s"], record["wall_s"] = time.process_time() - cpu0, time.perf_counter() - wall0
     return record
 
 
@@ -349,13 +385,18 @@ def _reset_and_verify(ctx: Session) -> None:
     ctx.guard.verify(touched, ctx.editor.name)
 
 
-def _replay(ctx: Session, chunk: list[EditCase], applied: list[int], seed: int, T: int, idx: int) -> None:
-    """Re-apply the chunk's successful edits (in order, same seeds) after a reset."""
+def _replay(ctx: Session, chunk: list[EditCase], groups: Sequence[range], batched: bool, seed: int, T: int,
+            idx: int) -> None:
+    """Re-apply the chunk's successful edits (the same groups in order, same seeds) after a reset."""
     editor, model = ctx.editor, ctx.lm.model
-    for j in applied:
-        seed_all(edit_seed(seed, T, idx, j))
-        _, fault = _attempt(editor.edit, chunk[j].request)
+    for group in groups:
+        seed_all(edit_seed(seed, T, idx, group[0]))
+        if batched:
+            _, fault = _attempt(editor.edit_batch, [chunk[j].request for j in group])
+        else:
+            _, fault = _attempt(editor.edit, chunk[group[0]].request)
         fault = fault or _nonfinite_fault(model, editor.touched_parameters())
         if fault:
-            raise RuntimeError(f"editor '{editor.name}': replaying the successful edit of case {chunk[j].case_id} "
-                               f"after a failed edit failed ({fault}): its edits are not reproducible")
+            raise RuntimeError(f"editor '{editor.name}': replaying the successful edit of case "
+                               f"{chunk[group[0]].case_id} after a failed edit failed ({fault}): its edits are not "
+                               f"reproducible")

@@ -16,6 +16,7 @@ One definition for every editor (DESIGN.md, "Metrics"):
 """
 from __future__ import annotations
 
+import inspect
 import math
 import time
 import weakref
@@ -25,7 +26,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from editbench import wild as wildlib
 from editbench.records import Probe
+from editbench.wild import WildSettings, aliases_of
 
 #: What scoring reads logits from: an editor, or anything else with the editor's ``logits_at``
 #: (:class:`PlainLogits` for the unedited model); or a plain callable
@@ -262,22 +265,57 @@ def teacher_forced(logits_fn: LogitsFn, encoded: Sequence[Encoded], pad_id: int,
     return results, timing  # type: ignore[return-value]
 
 
+def reads_model_forward(source) -> nn.Module | None:
+    """The model whose own forward pass gives ``source``'s logits, or None.
+
+    That is :class:`PlainLogits` and any editor that keeps the base ``logits`` / ``logits_at``
+    (``custom_logits = False``: parameter editors, and editors whose added modules act on each
+    position, e.g. T-Patcher's patched FFN). Greedy generation may then reuse the model's KV
+    cache. Editors with ``custom_logits`` (memories, retrieval, prepended prompts) and plain
+    callables answer through their ``logits`` on the full input at every step.
+    """
+    model = getattr(source, "model", None)
+    if not isinstance(model, nn.Module) or getattr(source, "custom_logits", False):
+        return None
+    at = getattr(type(source), "logits_at", None)
+    if getattr(at, "__qualname__", "") not in ("Editor.logits_at", "PlainLogits.logits_at"):
+        return None   # an object that reads the logits some other way
+    return model
+
+
+#: stop(index, generated token ids) -> True once that prompt's answer is complete
+StopFn = Callable[[int, list[int]], bool]
+
+
 @torch.no_grad()
 def greedy_generate(logits_fn: LogitsFn, prompts: Sequence[Sequence[int]], n_new: Sequence[int], pad_id: int,
                     batch_size: int = 32, device: torch.device | str = "cpu",
-                    nonfinite: set[int] | None = None) -> list[list[int]]:
-    """Greedy decoding of ``n_new[i]`` tokens after ``prompts[i]``, through ``logits_fn``.
+                    nonfinite: set[int] | None = None, stop: StopFn | None = None,
+                    kv_cache: bool = False) -> list[list[int]]:
+    """Greedy decoding of at most ``n_new[i]`` tokens after ``prompts[i]``, through ``logits_fn``.
 
-    No KV cache: editors with hooks or prepended prompts see every step's full input,
-    exactly as in scoring. The index of every prompt whose next-token logits held a NaN
-    or an infinity at some step is added to ``nonfinite`` when it is given.
+    Prompts are batched by length (:func:`length_batches`); ``stop(i, tokens)``, when given,
+    ends prompt ``i`` early (its last token is kept; the caller cuts the text). Without
+    ``kv_cache`` every step recomputes the full input through ``logits_fn`` (editors with hooks
+    or prepended prompts see every step's full input, exactly as in scoring; this is the path
+    of ``gen_exact_match``). With ``kv_cache`` and a source whose logits are the model's own
+    forward (:func:`reads_model_forward`), the batch is left-padded, the prompt is run once and
+    each step feeds one token against the cache; other sources fall back to recomputing. The
+    index of every prompt whose next-token logits held a NaN or an infinity at some step is
+    added to ``nonfinite`` when it is given.
     """
+    model = reads_model_forward(logits_fn) if kv_cache else None
+    if model is not None:
+        return _generate_cached(model, prompts, n_new, pad_id, batch_size, device, nonfinite, stop)
     out: list[list[int]] = [[] for _ in prompts]
     select = selector(logits_fn)
     for batch in length_batches([len(p) for p in prompts], batch_size):
         seqs = {i: list(prompts[i]) for i in batch}
+        done: set[int] = set()
         for step in range(max(n_new[i] for i in batch)):
-            live = [i for i in batch if step < n_new[i]]
+            live = [i for i in batch if step < n_new[i] and i not in done]
+            if not live:
+                break
             ids, mask = pad_batch([seqs[i] for i in live], pad_id, "right", device)
             prompt_len = torch.tensor([len(prompts[i]) for i in live], device=ids.device)
             last = mask.sum(-1) - 1
@@ -288,7 +326,50 @@ def greedy_generate(logits_fn: LogitsFn, prompts: Sequence[Sequence[int]], n_new
             for i, t in zip(live, nxt):
                 seqs[i].append(t)
                 out[i].append(t)
+                if stop is not None and stop(i, out[i]):
+                    done.add(i)
     return out
+
+
+def _generate_cached(model: nn.Module, prompts, n_new, pad_id, batch_size, device, nonfinite, stop):
+    """:func:`greedy_generate` with the model's KV cache: left padding, positions from the
+    mask, one token per step for every row of the batch until each is stopped or spent (a
+    finished row keeps its place, so a batch's shapes never depend on other rows' answers)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    params = inspect.signature(model.forward).parameters
+    cache_arg = "cache" if "cache" in params else "past_key_values"   # transformers 5 renamed it
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    for batch in length_batches([len(p) for p in prompts], batch_size):
+        ids, mask = pad_batch([prompts[i] for i in batch], pad_id, "left", device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
+        cache, logits = _cache_of(res), res.logits[:, -1]
+        last = pos[:, -1]
+        done = [n_new[i] < 1 for i in batch]
+        for step in range(max(n_new[i] for i in batch)):
+            nxt = logits.float().argmax(-1)
+            ok = torch.isfinite(logits).all(-1).tolist()
+            for row, (i, t) in enumerate(zip(batch, nxt.tolist())):
+                if done[row]:
+                    continue
+                if nonfinite is not None and not ok[row]:
+                    nonfinite.add(i)
+                out[i].append(t)
+                if len(out[i]) >= n_new[i] or (stop is not None and stop(i, out[i])):
+                    done[row] = True
+            if all(done):
+                break
+            mask = torch.cat([mask, mask.new_ones((len(batch), 1))], dim=1)
+            last = last + 1
+            res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None],
+                        use_cache=True, **keep, **{cache_arg: cache})
+            cache, logits = _cache_of(res), res.logits[:, -1]
+    return out
+
+
+def _cache_of(res):
+    cache = getattr(res, "cache", None)
+    return cache if cache is not None else res.past_key_values
 
 
 # --------------------------------------------------------------------------- per-case metrics
@@ -303,6 +384,9 @@ class CaseQuery:
     field: str
     prompt: str
     target: str
+    #: further accepted answers (WILD judges against the target and these), when the records
+    #: carry them (:func:`editbench.wild.aliases_of`)
+    aliases: tuple[str, ...] = ()
 
 
 def case_queries(case, cf_metrics: bool = False) -> list[CaseQuery]:
@@ -314,9 +398,11 @@ def case_queries(case, cf_metrics: bool = False) -> list[CaseQuery]:
     def probes(kind: str) -> list[tuple[str, int, Probe]]:
         return [(fam, j, p) for fam, ps in getattr(case, kind).items() for j, p in enumerate(ps)]
 
-    q = [CaseQuery("rel", "", "request", r.prompt, r.target_new)]
-    q += [CaseQuery("gen", fam, f"generality.{fam}[{j}]", p.prompt, p.target) for fam, j, p in probes("generality")]
-    q += [CaseQuery("loc", fam, f"locality.{fam}[{j}]", p.prompt, p.target) for fam, j, p in probes("locality")]
+    q = [CaseQuery("rel", "", "request", r.prompt, r.target_new, aliases_of(r, "target_aliases"))]
+    q += [CaseQuery("gen", fam, f"generality.{fam}[{j}]", p.prompt, p.target, aliases_of(p))
+          for fam, j, p in probes("generality")]
+    q += [CaseQuery("loc", fam, f"locality.{fam}[{j}]", p.prompt, p.target, aliases_of(p))
+          for fam, j, p in probes("locality")]
     if cf_metrics and r.ground_truth:
         q += [CaseQuery("cf_true", "", "request.ground_truth", r.prompt, r.ground_truth)]
         q += [CaseQuery("cf_para_true", "", f"generality.{fam}[{j}] with ground_truth", p.prompt, r.ground_truth)
@@ -343,10 +429,30 @@ class Scorer:
       cf_paraphrase        the same on each generality prompt, averaged
       cf_neighborhood      P(true) > P(new) on each locality prompt, averaged
     P(.) compares mean per-token negative log-likelihood, as ROME's evaluation does.
+
+    ``mode`` (``eval.mode``): ``teacher_forced`` (the metrics above), ``wild`` (the WILD metrics
+    only) or ``both``. WILD metrics (docs/protocol.md, "Teacher forcing and WILD"): each query is
+    answered by greedy generation from the question alone in ``wild.context``, cut at a stop
+    string, an end-of-sequence token or the budget (:mod:`editbench.wild`), and judged whole:
+      wild_reliability, wild_generality[/<family>]   the judge's verdict (default: normalised
+                           exact match against the target and its aliases)
+      wild_locality[/<family>]   the edited answer equals the unedited answer (normalised)
+      wild_f1_<the same>   token F1 of the answer against the target (locality: against the
+                           unedited answer)
+    After each :meth:`score`, :attr:`generations` holds what the model said per case.
     """
 
     def __init__(self, tok, batch_size: int = 32, padding_side: str = "right", cf_metrics: bool = False,
-                 exact_match: bool = True, device: torch.device | str = "cpu"):
+                 exact_match: bool = True, device: torch.device | str = "cpu", mode: str = "teacher_forced",
+                 wild: WildSettings | None = None):
+        if mode not in wildlib.MODES:
+            raise ValueError(f"eval.mode={mode!r}: must be one of {', '.join(wildlib.MODES)}")
+        self.mode = mode
+        self.wild = wild or WildSettings()
+        self.judge_name, self.judge = wildlib.load_judge(self.wild.judge) if mode != "teacher_forced" else ("", None)
+        if mode != "teacher_forced" and self.wild.context == "chat_temp" and not wildlib.has_chat_template(tok):
+            raise ValueError("eval.wild_context='chat_temp': the model's tokenizer has no chat template; "
+                             "use question-only or qa_inst")
         self.tok = tok
         self.batch_size = batch_size
         self.padding_side = padding_side
@@ -360,6 +466,17 @@ class Scorer:
         self.nonfinite: dict[str, list[str]] = {}
         #: the unedited model's argmax on each locality probe: case_id -> [tokens per probe]
         self.locality_reference: dict[str, list[list[int]]] = {}
+        #: WILD: the unedited model's answer to each locality probe: case_id -> [text per probe]
+        self.wild_reference: dict[str, list[str]] = {}
+        #: after each WILD :meth:`score`: case_id -> one entry per query (what was asked, the
+        #: answer, its verdict and F1; for locality the unedited answer)
+        self.generations: dict[str, list[dict]] = {}
+        #: seconds spent in WILD generation by the last :meth:`score`
+        self.wild_timing = Timing()
+        self._wild_ids: dict[str, list[int]] = {}
+        self._special = set(getattr(tok, "all_special_ids", None) or [])
+        if tok.eos_token_id is not None:
+            self._special.add(tok.eos_token_id)
 
     def encode(self, prompt: str, target: str) -> Encoded:
         key = (prompt, target)
@@ -379,8 +496,19 @@ class Scorer:
         """Per-case metrics of ``cases`` under ``logits_fn`` and the time spent in it.
 
         With ``reference=True`` the locality argmax of this pass becomes the unedited
-        reference (call it before the first edit); its locality is 1.0 by definition.
+        reference (call it before the first edit); its locality is 1.0 by definition. Under
+        WILD the reference pass generates the locality answers only.
         """
+        self.nonfinite = {}
+        timing = Timing()
+        out: dict[str, dict[str, float]] = {c.case_id: {} for c in cases}
+        if self.mode != "wild":
+            out, timing = self._score_teacher_forced(logits_fn, cases, reference)
+        if self.mode != "teacher_forced":
+            self._score_wild(logits_fn, cases, reference, out)
+        return out, timing
+
+    def _score_teacher_forced(self, logits_fn: LogitsFn, cases, reference: bool):
         per_case = [self._queries(c) for c in cases]
         flat = [e for qs in per_case for (_, _, e) in qs]
         results, timing = teacher_forced(logits_fn, flat, self.pad_id, self.batch_size, self.padding_side,
@@ -409,6 +537,94 @@ class Scorer:
                 text = self.tok.decode(toks, skip_special_tokens=True).strip()
                 out[case.case_id]["gen_exact_match"] = float(text == case.request.target_new.strip())
         return out, timing
+
+    # ------------------------------------------------------------------ WILD
+    def wild_ids(self, question: str) -> list[int]:
+        """Token ids of ``question`` in the configured WILD context type."""
+        if question not in self._wild_ids:
+            self._wild_ids[question] = wildlib.context_ids(self.tok, question, self.wild.context)
+        return self._wild_ids[question]
+
+    def _generate(self, logits_fn: LogitsFn, qs: Sequence[CaseQuery]) -> tuple[list[str], list[str], set[int]]:
+        """(answers, raw decoded texts, indices with NaN/Inf logits) of WILD queries ``qs``."""
+        w = self.wild
+        prompts = [self.wild_ids(q.prompt) for q in qs]
+        budgets = [wildlib.budget(max(len(self.encode(q.prompt, g).target_ids) for g in (q.target, *q.aliases)),
+                                  w.budget_factor, w.budget_extra, w.max_new_tokens) for q in qs]
+
+        def stop(i: int, toks: list[int]) -> bool:
+            return toks[-1] in self._special or wildlib.stopped(self.tok.decode(toks, skip_special_tokens=True),
+                                                                w.stop)
+        bad: set[int] = set()
+        sync(self.device)
+        t0 = time.perf_counter()
+        gen = greedy_generate(logits_fn, prompts, budgets, self.pad_id, w.batch_size, self.device,
+                              nonfinite=bad, stop=stop, kv_cache=True)
+        sync(self.device)
+        self.wild_timing.seconds += time.perf_counter() - t0
+        self.wild_timing.queries += len(qs)
+        raw = [self.tok.decode(t, skip_special_tokens=True) for t in gen]
+        return [wildlib.cut(r, w.stop) for r in raw], raw, bad
+
+    def _score_wild(self, logits_fn: LogitsFn, cases, reference: bool, out: dict[str, dict[str, float]]) -> None:
+        self.generations = {}
+        self.wild_timing = Timing()
+        per_case = [[q for q in self.queries(c) if q.kind in ("rel", "gen", "loc")] for c in cases]
+        # locality probes are generated in a pass of their own, in the reference pass and after
+        # the edits alike, so both see the same batches (an unchanged model answers identically)
+        groups = [[(ci, q) for ci, qs in enumerate(per_case) for q in qs if q.kind == "loc"]]
+        if not reference:
+            groups.insert(0, [(ci, q) for ci, qs in enumerate(per_case) for q in qs if q.kind != "loc"])
+        answers: dict[tuple[int, str], tuple[str, str]] = {}
+        for group in groups:
+            if not group:
+                continue
+            texts, raw, bad = self._generate(logits_fn, [q for _, q in group])
+            for k, ((ci, q), a, r) in enumerate(zip(group, texts, raw)):
+                answers[(ci, q.field)] = (a, r)
+                if k in bad:
+                    self.nonfinite.setdefault(cases[ci].case_id, []).append(f"wild/{_query_name(q.kind, q.family)}")
+        for ci, (case, qs) in enumerate(zip(cases, per_case)):
+            if reference:
+                self.wild_reference[case.case_id] = [answers[(ci, q.field)][0] for q in qs if q.kind == "loc"]
+                continue
+            ref = iter(self._wild_locality_reference(case, qs))
+            scored: dict[str, list[tuple[str, float]]] = {}
+            entries = []
+            for q in qs:
+                answer, raw = answers[(ci, q.field)]
+                entry = {"query": q.field, "kind": q.kind, "family": q.family, "prompt": q.prompt,
+                         "target": q.target, "generation": answer, "raw": raw}
+                if q.aliases:
+                    entry["aliases"] = list(q.aliases)
+                if q.kind == "loc":
+                    before = next(ref)
+                    verdict, f1 = wildlib.exact_match(answer, [before]), wildlib.token_f1(answer, [before])
+                    entry["unedited"] = before
+                else:
+                    golds = (q.target, *q.aliases)
+                    verdict = wildlib.judge_score(self.judge, q.prompt, golds, answer, self.judge_name)
+                    f1 = wildlib.token_f1(answer, golds)
+                entry.update(score=verdict, f1=f1)
+                entries.append(entry)
+                name = _QUERY_NAMES[q.kind]
+                scored.setdefault(f"wild_{name}", []).append((q.family, verdict))
+                scored.setdefault(f"wild_f1_{name}", []).append((q.family, f1))
+            m = out[case.case_id]
+            for name, vals in scored.items():
+                if name.endswith("reliability"):
+                    m[name] = vals[0][1]
+                else:
+                    _pooled(m, name, vals)
+            self.generations[case.case_id] = entries
+
+    def _wild_locality_reference(self, case, qs: Sequence[CaseQuery]) -> list[str]:
+        n_loc = sum(q.kind == "loc" for q in qs)
+        ref = self.wild_reference.get(case.case_id)
+        if n_loc and (ref is None or len(ref) != n_loc):
+            raise RuntimeError(f"case {case.case_id}: no unedited WILD locality reference; score it with "
+                               "reference=True before editing")
+        return ref or []
 
     def _case_metrics(self, case, qs, res: list[TFResult]) -> dict[str, float]:
         m: dict[str, float] = {}

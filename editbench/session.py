@@ -4,8 +4,9 @@ guard and the after-edit measurements.
 The runner, the training command, ``benchmarks/perf.py`` and the tests all build it here, so
 that a benchmark measures exactly what a run computes:
 
-* :func:`check_compatible`: the editor supports the model's family, and batch mode only
-  where the editor declares ``supports_batch`` (before any weight is loaded);
+* :func:`check_compatible`: the editor supports the model's family, and batch mode (or
+  ``runner.edit_batch_size`` > 1) only where the editor declares ``supports_batch`` (before
+  any weight is loaded);
 * :func:`build_editor`: the registered class with the composed editor config;
 * :func:`prepare_editor`: what the editor's declared ``training`` asks for: nothing, ``fit``
   on the train split, or the training pipeline (a cached checkpoint, else train / resume);
@@ -26,6 +27,7 @@ from editbench.records import EditCase
 from editbench.registry import editor_class
 from editbench.results import RunDir
 from editbench.scoring import Scorer
+from editbench.wild import WildSettings
 
 log = logging.getLogger("editbench.runner")
 
@@ -64,6 +66,10 @@ def check_compatible(cfg: DictConfig) -> type:
                          f"'{cfg.model.name}'; it supports: {', '.join(cls.supported_families)}")
     if batch_mode(cfg) and not cls.supports_batch:
         raise ValueError(f"runner.batch_edit=true but editor '{cls.name}' has no batched edit")
+    size = cfg.runner.get("edit_batch_size")
+    if size is not None and int(size) > 1 and not cls.supports_batch:
+        raise ValueError(f"runner.edit_batch_size={size} but editor '{cls.name}' has no batched edit "
+                         f"(supports_batch is False); use 1 or null")
     return cls
 
 
@@ -107,9 +113,11 @@ def after_edit_hooks(cfg: DictConfig, lm: LoadedModel) -> dict[str, AfterEditHoo
 
 def make_scorer(cfg: DictConfig, lm: LoadedModel) -> Scorer:
     """The scorer of ``cfg.runner`` / ``cfg.data`` on the model's device."""
+    ev = cfg.get("eval") or {}
     return Scorer(lm.tokenizer, batch_size=cfg.runner.batch_size, padding_side=cfg.runner.padding_side,
                   cf_metrics=bool(cfg.data.get("cf_metrics", False)),
-                  exact_match=bool(cfg.runner.exact_match), device=next(lm.model.parameters()).device)
+                  exact_match=bool(cfg.runner.exact_match), device=next(lm.model.parameters()).device,
+                  mode=str(ev.get("mode", "teacher_forced")), wild=WildSettings.from_cfg(ev))
 
 
 def open_session(cfg: DictConfig, cases: Sequence[EditCase], lm: LoadedModel | None = None,

@@ -19,6 +19,7 @@ built (``hparams_from_cfg``); only the keys the harness itself reads (:data:`CON
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -26,10 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from editbench.data import LOADERS, SPLITS
+from editbench.data.hub import INSTALL_HINT as HUB_INSTALL_HINT, hub_kind
+from editbench.general.lm_eval_backend import INSTALL_HINT as LM_EVAL_INSTALL_HINT, available as lm_eval_available
 from editbench.general.data import TASKS
 from editbench.models import DTYPES, SUPPORTED_FAMILIES
 from editbench.registry import EDITORS, available
+from editbench.tracking import INSTALL_HINT as TRACKING_INSTALL_HINT, available as tracking_available
 from editbench.train.loop import AUTOCAST_DTYPES, TRAIN_DEFAULTS
+from editbench.wild import CONTEXTS as WILD_CONTEXTS, MODES as WILD_MODES, WHEN as WILD_WHEN
 
 __all__ = ["RULES", "Rule", "validate_config"]
 
@@ -82,6 +87,11 @@ def _pos_int(v, cfg=None) -> bool:
 
 def _pos_int_or_null(v, cfg=None) -> bool:
     return v is None or _pos_int(v)
+
+
+def _edit_batch_size(v, cfg) -> bool:
+    # editbench.plan.edit_schedule: B groups the edits itself, so an explicit runner.batch_edit contradicts it
+    return v is None or (_pos_int(v) and _get(cfg, "runner.batch_edit") is None)
 
 
 def _nonneg_int(v, cfg=None) -> bool:
@@ -165,6 +175,30 @@ def _tasks(v, cfg=None) -> bool:
     return v is None or (isinstance(v, list) and all(_in(t, TASKS) for t in v))
 
 
+def _backend(v, cfg=None) -> bool:
+    return v == "builtin" or (v == "lm_eval" and lm_eval_available())
+
+
+def _lm_eval_tasks(v, cfg) -> bool:
+    if not (isinstance(v, list) and all(_name(t) for t in v)):
+        return False
+    return bool(v) == (_get(cfg, "general.backend", "builtin") == "lm_eval")
+
+
+def _data_files(v, cfg=None) -> bool:
+    def patterns(x) -> bool:
+        return _name(x) or (isinstance(x, list) and len(x) > 0 and all(_name(p) for p in x))
+    return v is None or patterns(v) or (isinstance(v, Mapping) and len(v) > 0
+                                        and all(_name(k) and patterns(p) for k, p in v.items()))
+
+
+def _hub_readable(v, cfg) -> bool:
+    """A data.path that names a hub dataset (or a hub-layout folder) needs ``datasets``."""
+    if not isinstance(v, str) or hub_kind(v, str(_get(cfg, "data.kind"))) is None:
+        return True
+    return importlib.util.find_spec("datasets") is not None
+
+
 def _editors() -> list[str]:
     """Every editor name ``editbench.registry.editor_class`` finds: the modules of ``editors/``
     and the classes registered at run time (``@register`` outside that package)."""
@@ -201,9 +235,33 @@ RULES: list[Rule] = [
     Rule("runner.padding_side", _one_of("right", "left"), "must be right or left", True),
     Rule("runner.exact_match", _bool, _BOOL, True),
     Rule("runner.batch_edit", _bool_or_null, "must be true, false or null (the editor's protocol, editor.batch_edit)"),
+    Rule("runner.edit_batch_size", _edit_batch_size,
+         "must be a positive integer (edits per edit_batch within a chunk) or null (runner.batch_edit decides); "
+         "not together with runner.batch_edit=true/false"),
     Rule("runner.reuse_stale", _bool_or_null, _BOOL),
     Rule("runner.curve", _bool_or_null, _BOOL),
     Rule("runner.progress", _bool, _BOOL, True),
+    # evaluation (conf/config.yaml eval:; editbench/scoring.py, wild.py, runner.eval_when)
+    Rule("eval", lambda v, cfg=None: v is None or isinstance(v, Mapping), "must be a mapping or null"),
+    Rule("eval.mode", _one_of(*WILD_MODES), f"must be one of {', '.join(WILD_MODES)}"),
+    Rule("eval.when", _one_of(*WILD_WHEN), f"must be one of {', '.join(WILD_WHEN)}"),
+    Rule("eval.wild_context", _one_of(*WILD_CONTEXTS), f"must be one of {', '.join(WILD_CONTEXTS)}"),
+    Rule("eval.wild_budget_factor", _nonneg_number, "must be a number >= 0"),
+    Rule("eval.wild_budget_extra", _nonneg_int, "must be a non-negative integer"),
+    Rule("eval.wild_max_new_tokens", _pos_int, _POS),
+    Rule("eval.wild_batch_size", _pos_int, _POS + " (prompts per WILD generation batch)"),
+    Rule("eval.wild_stop", lambda v, cfg=None: isinstance(v, list) and all(isinstance(x, str) and x for x in v),
+         "must be a list of non-empty strings (may be empty: stop at end of sequence or the budget only)"),
+    Rule("eval.judge", lambda v, cfg=None: v is None or (isinstance(v, str) and re.fullmatch(
+        r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*([.:][A-Za-z_][\w]*)", v) is not None),
+         "must be null (normalised exact match) or a dotted path package.module.function to "
+         "judge(question, target, generation) -> bool | float"),
+    Rule("eval.*", _never, "is not an eval setting; valid: mode, when, wild_context, wild_budget_factor, "
+         "wild_budget_extra, wild_max_new_tokens, wild_batch_size, wild_stop, judge"),
+    Rule("runner.curve", lambda v, cfg: not v or (_get(cfg, "eval.mode", "teacher_forced") != "wild"
+                                                   and _get(cfg, "eval.when", "after_chunk") == "after_chunk"),
+         "runner.curve=true needs teacher-forced scoring after the chunk (eval.mode teacher_forced or both, "
+         "eval.when=after_chunk)"),
     # run folder (editbench/results.py, plan.run_id)
     Rule("out_dir", _name, "must be a folder path (a non-empty string)", True),
     Rule("run_id", lambda v, cfg=None: v is None or _name(v) or _int(v),
@@ -225,6 +283,25 @@ RULES: list[Rule] = [
          "must be eval or train (train needs data.train_path when data.split is val or test)"),
     Rule("data.val.fraction", _fraction, "must be a number strictly between 0 and 1"),
     Rule("data.val.salt", lambda v, cfg=None: isinstance(v, str) or _int(v), "must be a string"),
+    # a data config's own runner defaults (editbench/cli.py with_data_runner; conf/data/sample.yaml)
+    Rule("data.runner", lambda v, cfg=None: v is None or isinstance(v, Mapping),
+         "must be a mapping of runner defaults (steps, n_cases) or null"),
+    Rule("data.runner.steps", _steps, "must be a list of positive integers, e.g. [1,10]"),
+    Rule("data.runner.n_cases", _pos_int_or_null, "must be a positive integer or null (all cases)"),
+    Rule("data.runner.*", _never, "is not a runner default a data config may set; valid: steps, n_cases"),
+    # Hugging Face datasets as data.path (editbench/data/hub.py)
+    Rule("data.hub_split", _name, "must be a split name (a non-empty string), e.g. train"),
+    Rule("data.hub_train_split", _name, "must be a split name (a non-empty string), e.g. train"),
+    Rule("data.hub_config", _str_or_null, "must be a dataset configuration name (a string) or null"),
+    Rule("data.hub_revision", _str_or_null, "must be a revision (a branch, tag or commit; a string) or null"),
+    Rule("data.data_files", _data_files,
+         "must be null, a file pattern, a list of patterns or a mapping split -> pattern(s) (strings)"),
+    Rule("data.path", _hub_readable, lambda: f"names a Hugging Face dataset: reading it needs {HUB_INSTALL_HINT}"),
+    # experiment tracking (editbench/tracking.py)
+    Rule("tracking.tensorboard", lambda v, cfg=None: isinstance(v, bool) and (not v or tracking_available()),
+         f"must be true or false; true needs the tensorboard package: {TRACKING_INSTALL_HINT}"),
+    Rule("tracking.dir", _str_or_null, "must be null (<run or checkpoint folder>/tensorboard) or a folder path"),
+    Rule("tracking.*", _never, "is not a tracking setting; valid: tensorboard, dir"),
     # model (conf/model/*.yaml; editbench/models.py load_model, session.check_compatible)
     Rule("model.name", _name, "must be a non-empty string", True),
     Rule("model.description", _str_or_null, "must be a string or null"),
@@ -246,6 +323,20 @@ RULES: list[Rule] = [
     # general ability (conf/general/default.yaml; editbench/general/)
     Rule("general.tasks", _tasks, f"must be a list of task names from {', '.join(TASKS)} (empty: off)"),
     Rule("general.n", _pos_int_or_null, "must be a positive integer or null (all examples)"),
+    Rule("general.backend", _backend, f"must be builtin or lm_eval; lm_eval needs lm-evaluation-harness: "
+         f"{LM_EVAL_INSTALL_HINT}"),
+    Rule("general.lm_eval_tasks", _lm_eval_tasks, "must be a list of lm-eval task names (strings); "
+         "non-empty with general.backend=lm_eval, empty otherwise"),
+    # general_ability_hook is built only for a non-empty general.tasks (editbench/session.py
+    # after_edit_hooks), so the lm-eval tasks run beside at least one built-in task for now
+    Rule("general.lm_eval_tasks", lambda v, cfg: not v or bool(_get(cfg, "general.tasks")),
+         "with general.backend=lm_eval, general.tasks must name at least one built-in task too "
+         "(the after-edit measurement is built for general.tasks; docs/general.md)"),
+    Rule("general.lm_eval_include", _str_or_null, "must be null (lm-eval's tasks) or a folder of lm-eval task YAMLs"),
+    Rule("general.lm_eval_limit", lambda v, cfg=None: v is None or _pos_int(v) or (_number(v) and 0 < v <= 1),
+         "must be a positive integer (documents per task), a fraction in (0, 1] or null (all)"),
+    Rule("general.lm_eval_num_fewshot", lambda v, cfg=None: v is None or _nonneg_int(v),
+         "must be a non-negative integer or null (the task's default)"),
     Rule("general.seed", _nonneg_int, "must be a non-negative integer"),
     Rule("general.path", _str_or_null, "must be a folder path (a string)"),
     Rule("general.source", _one_of("local", "hf"), "must be local or hf"),
@@ -254,6 +345,7 @@ RULES: list[Rule] = [
     Rule("general.format", _one_of("letter", "cloze"), "must be letter or cloze"),
     Rule("general.cloze_norm", _one_of("sum", "mean"), "must be sum or mean"),
     Rule("general.chunks", _pos_int_or_null, "must be a positive integer or null (every chunk)"),
+    Rule("general.steps", lambda v, cfg=None: v is None or _steps(v), "must be null (every T) or a list of positive integers, e.g. [100,1000]"),
     Rule("general.max_tokens", _pos_int, _POS),
     Rule("general.squad_context_tokens", _pos_int, _POS),
     Rule("general.batch_size", _pos_int_or_null, "must be a positive integer or null (32)"),

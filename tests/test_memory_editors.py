@@ -442,7 +442,8 @@ def test_tpatcher_default_schedule_stops_when_the_validation_memory_loss_stops_i
             # stop at the first successful check whose validation memory loss stopped improving
             assert [c[2] for c in calls] == [False] * (len(calls) - 1) + [True]
             assert stopped_improving(calls[-1][1], hp.val_threshold, hp.val_patience)
-            assert info["steps"] == steps[-1] < hp.max_steps and info["val_checks"] == len(calls)
+            # (the stopping check may be the one at max_steps itself: it still stopped through _stop)
+            assert info["steps"] == steps[-1] <= hp.max_steps and info["val_checks"] == len(calls)
             assert info["val_memory_loss"] == calls[-1][1][-1]
     finally:
         editor.reset()

@@ -39,9 +39,28 @@ BAD: list[tuple[tuple[str, ...], str, str]] = [
     (("runner.padding_side=middle",), "runner.padding_side", "right or left"),
     (("runner.exact_match=1",), "runner.exact_match", "true or false"),
     (("runner.batch_edit=sometimes",), "runner.batch_edit", "true, false or null"),
+    (("runner.edit_batch_size=0",), "runner.edit_batch_size", "positive integer"),
+    (("runner.edit_batch_size=10", "runner.batch_edit=true"), "runner.edit_batch_size", "not together with"),
     (("runner.reuse_stale=no",), "runner.reuse_stale", "true or false"),
     (("runner.curve=2",), "runner.curve", "true or false"),
     (("runner.progress=off",), "runner.progress", "true or false"),
+    # evaluation
+    (("eval=5",), "eval", "a mapping or null"),
+    (("eval.mode=greedy",), "eval.mode", "teacher_forced, wild, both"),
+    (("eval.when=never",), "eval.when", "after_chunk, after_each"),
+    (("eval.wild_context=chat",), "eval.wild_context", "question-only, qa_inst, chat_temp"),
+    (("eval.wild_budget_factor=-1",), "eval.wild_budget_factor", ">= 0"),
+    (("eval.wild_budget_extra=-2",), "eval.wild_budget_extra", "non-negative integer"),
+    (("eval.wild_max_new_tokens=0",), "eval.wild_max_new_tokens", "positive integer"),
+    (("eval.wild_batch_size=0",), "eval.wild_batch_size", "positive integer"),
+    (("eval.wild_stop=5",), "eval.wild_stop", "list of non-empty strings"),
+    (("eval.judge='not a path'",), "eval.judge", "dotted path"),
+    (("+eval.temperature=0.7",), "eval.temperature", "not an eval setting; valid: mode"),
+    (("runner.curve=true", "eval.mode=wild"), "runner.curve", "needs teacher-forced scoring"),
+    # experiment tracking
+    (("tracking.tensorboard=yes",), "tracking.tensorboard", "true or false"),
+    (("tracking.dir=[a]",), "tracking.dir", "a folder path"),
+    (("+tracking.wandb=true",), "tracking.wandb", "not a tracking setting; valid: tensorboard, dir"),
     # run folder
     (("out_dir=''",), "out_dir", "non-empty string"),
     (("out_dir=null",), "out_dir", "non-empty string"),
@@ -65,6 +84,15 @@ BAD: list[tuple[tuple[str, ...], str, str]] = [
     (("data.val.fraction=1.5",), "data.val.fraction", "strictly between 0 and 1"),
     (("data.val.fraction=true",), "data.val.fraction", "strictly between 0 and 1"),
     (("data.val.salt=[a]",), "data.val.salt", "a string"),
+    (("data=cf", "+data.runner=5"), "data.runner", "a mapping of runner defaults"),
+    (("data.runner.steps=[0]",), "data.runner.steps", "list of positive integers"),
+    (("data.runner.n_cases=0",), "data.runner.n_cases", "positive integer or null"),
+    (("+data.runner.seed=3",), "data.runner.seed", "valid: steps, n_cases"),
+    (("++data.hub_split=''",), "data.hub_split", "a split name"),
+    (("++data.hub_train_split=5",), "data.hub_train_split", "a split name"),
+    (("++data.hub_config=[a]",), "data.hub_config", "a string"),
+    (("++data.hub_revision=[a]",), "data.hub_revision", "a string"),
+    (("++data.data_files=5",), "data.data_files", "a file pattern"),
     # model
     (("model.name=''",), "model.name", "non-empty string"),
     (("model.description=[a]",), "model.description", "a string or null"),
@@ -102,6 +130,14 @@ BAD: list[tuple[tuple[str, ...], str, str]] = [
     (("general.batch_size=0",), "general.batch_size", "positive integer or null"),
     (("general.batch_tokens=0",), "general.batch_tokens", "positive integer"),
     (("general.cache=no",), "general.cache", "true or false"),
+    (("general.steps=[0]",), "general.steps", "list of positive integers"),
+    (("general.backend=vllm",), "general.backend", "builtin or lm_eval"),
+    (("general.lm_eval_tasks=[arc_easy]",), "general.lm_eval_tasks", "empty otherwise"),
+    (("general.lm_eval_tasks=[arc_easy]", "general.backend=lm_eval"), "general.lm_eval_tasks",
+     "general.tasks must name at least one built-in task"),
+    (("general.lm_eval_include=[a]",), "general.lm_eval_include", "a folder of lm-eval task YAMLs"),
+    (("general.lm_eval_limit=0",), "general.lm_eval_limit", "positive integer"),
+    (("general.lm_eval_num_fewshot=-1",), "general.lm_eval_num_fewshot", "non-negative integer"),
     # editor: the keys the harness reads
     (("editor.name=nope",), "editor.name", "registered editor: "),
     (("++editor.variant=[a]",), "editor.variant", "a string or null"),
@@ -143,8 +179,12 @@ def test_every_rule_has_a_bad_value_and_every_harness_key_has_a_rule():
     give the harness (runner, run folder, data, model, general, the editor's bookkeeping and
     train settings): a key added to a config without a rule fails here."""
     rules = {r.key for r in RULES}
-    assert rules - {"editor.train.*"} <= {b[1] for b in BAD}
+    wildcards = {r for r in rules if r.endswith(".*")}   # their errors name the unknown key itself
+    assert rules - wildcards <= {b[1] for b in BAD}
+    for w in wildcards:
+        assert any(b[1].startswith(w[:-1]) and b[1].count(".") == w.count(".") for b in BAD), w
     keys = {f"runner.{k}" for k in compose_cfg().runner} | {f"general.{k}" for k in compose_cfg().general}
+    keys |= {f"eval.{k}" for k in compose_cfg().eval} | {f"tracking.{k}" for k in compose_cfg().tracking}
     keys |= {"out_dir", "run_id", "data_root"} | {f"editor.{k}" for k in CONFIG_BOOKKEEPING}
     keys |= {"editor.train"} | {f"editor.train.{k}" for k in TRAIN_DEFAULTS}
     for model in MODELS:

@@ -12,7 +12,9 @@ ripe       RippleEdits: original benchmark, RECIPE-flattened, KnowEdit      ripp
 dafset     DAFNet's meta-training folder (or one of its part files)         dafset
 =========  ==============================================================  ==============
 
-Files may be JSON (a top-level list) or JSONL. Malformed input raises
+``data.path`` may also name a Hugging Face dataset (``<owner>/<name>``) or a local folder in
+a hub layout (:mod:`editbench.data.hub`): its records are written to a JSON file and read
+by the same loader. Files may be JSON (a top-level list) or JSONL. Malformed input raises
 :class:`~editbench.records.DataError` at the first bad record, with a one-line message
 naming the file, the record and the field. With ``skip_invalid=True`` bad records are
 skipped instead: the result's ``n_skipped`` attribute counts them and one warning per
@@ -33,6 +35,7 @@ from typing import Callable
 from editbench.data.common import Cases
 from editbench.data.counterfact import load_counterfact
 from editbench.data.dafset import load_dafset
+from editbench.data.hub import resolve_path
 from editbench.data.ripple import load_ripple
 from editbench.data.sample import load_sample
 from editbench.data.zsre import load_zsre
@@ -67,6 +70,17 @@ def load_cases(kind: str, path: str | Path | None, limit: int | None = None,
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit must be None or a non-negative integer, got {limit!r}")
     return LOADERS[kind](path, limit=limit, skip_invalid=skip_invalid)
+
+
+def _eval_path(data_cfg):
+    """``data.path``, or the JSON file of its records when it names a hub dataset (editbench.data.hub)."""
+    return resolve_path(data_cfg.get("path"), str(data_cfg.kind), data_cfg)
+
+
+def _train_path(data_cfg):
+    """``data.train_path``, or the JSON file of its records when it names a hub dataset."""
+    return resolve_path(data_cfg.get("train_path"), str(data_cfg.get("train_kind") or data_cfg.kind), data_cfg,
+                        train=True)
 
 
 #: the values of ``data.split``
@@ -113,14 +127,14 @@ def evaluation_cases(data_cfg) -> Cases:
     if split not in SPLITS:
         raise ValueError(f"data.split must be one of {', '.join(SPLITS)}, got {split!r}")
     if split == "all":
-        return load_cases(data_cfg.kind, data_cfg.get("path"))
+        return load_cases(data_cfg.kind, _eval_path(data_cfg))
     source, fraction, salt = _val_settings(data_cfg)
     if source == "train":
         if split == "test":
-            return load_cases(data_cfg.kind, data_cfg.get("path"))
-        return _part(load_cases(data_cfg.get("train_kind") or data_cfg.kind, data_cfg.train_path), True,
+            return load_cases(data_cfg.kind, _eval_path(data_cfg))
+        return _part(load_cases(data_cfg.get("train_kind") or data_cfg.kind, _train_path(data_cfg)), True,
                      fraction, salt)
-    return _part(load_cases(data_cfg.kind, data_cfg.get("path")), split == "val", fraction, salt)
+    return _part(load_cases(data_cfg.kind, _eval_path(data_cfg)), split == "val", fraction, salt)
 
 
 def load_train_cases(data_cfg, editor_name: str) -> Cases:
@@ -130,7 +144,7 @@ def load_train_cases(data_cfg, editor_name: str) -> Cases:
     path = data_cfg.get("train_path")
     if not path:
         raise ValueError(f"editor '{editor_name}' needs training data: set data.train_path")
-    cases = load_cases(data_cfg.get("train_kind") or data_cfg.kind, path)
+    cases = load_cases(data_cfg.get("train_kind") or data_cfg.kind, _train_path(data_cfg))
     if train_holds_val(data_cfg):
         _, fraction, salt = _val_settings(data_cfg)
         cases = _part(cases, False, fraction, salt)

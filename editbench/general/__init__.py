@@ -13,10 +13,15 @@ under ``"general"``, one ``general/<key>`` summary row each (mean over chunks, n
                      where the scores sit at chance)
 ``seconds``          wall time of the measurement
 
-Only the first ``general.chunks`` chunks of each T are measured (null: all); later chunks
+Only the first ``general.chunks`` chunks of each T are measured (null: all), and only at the T
+listed in ``general.steps`` (null: every T); later chunks
 return ``{}``. The unedited scores are kept in memory and on disk under
 ``cache_dir("general")``, keyed by the model fingerprint, task, n, seed, format and a
 digest of the tokenised queries (so a changed prompt or data file is a new key).
+
+With ``general.backend=lm_eval`` the hook also evaluates ``general.lm_eval_tasks`` through
+lm-evaluation-harness on the editor's logits (:mod:`editbench.general.lm_eval_backend`), its
+rows ``lm_eval/<task>/<metric>`` and ``..._unedited`` beside the built-in tasks' rows.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ from editbench.scoring import LogitsFn, PlainLogits
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TASKS", "GeneralSuite", "general_ability_hook"]
+__all__ = ["TASKS", "GeneralSuite", "enabled", "general_ability_hook"]
 
 #: bump when prompts or scoring change in a way the query digest does not see
 PROTOCOL_VERSION = 1
@@ -144,14 +149,37 @@ class GeneralSuite:
         return out
 
 
+def enabled(gcfg: Mapping[str, Any] | None) -> bool:
+    """Whether a ``general`` config measures anything: built-in tasks, or lm-eval tasks with
+    ``backend=lm_eval``."""
+    gcfg = gcfg or {}
+    return bool(gcfg.get("tasks")) or (str(gcfg.get("backend", "builtin")) == "lm_eval"
+                                       and bool(gcfg.get("lm_eval_tasks")))
+
+
 def general_ability_hook(cfg, lm) -> Callable[[Any, int, int], dict[str, float]]:
     """The runner's after-edit measurement: ``fn(editor, T, chunk_index) -> {key: value}``."""
-    suite = GeneralSuite(cfg.general, lm, model_fingerprint(cfg.model), str(cfg.runner.get("padding_side", "right")))
+    padding_side = str(cfg.runner.get("padding_side", "right"))
+    suite = GeneralSuite(cfg.general, lm, model_fingerprint(cfg.model), padding_side)
+    harness = None   # general.backend=lm_eval: the lm-eval tasks too (editbench/general/lm_eval_backend.py)
+    if str(cfg.general.get("backend", "builtin")) == "lm_eval":
+        from editbench.general.lm_eval_backend import LmEvalSuite
+
+        harness = LmEvalSuite(cfg.general, lm, model_fingerprint(cfg.model), padding_side)
     chunks = cfg.general.get("chunks", 1)
+    steps = cfg.general.get("steps")  # null: every T; a list: only these T (the leaderboard: [100, 1000])
+    steps = None if steps is None else {int(t) for t in steps}
 
     def measure(editor, T: int, chunk_index: int) -> dict[str, float]:
         if chunks is not None and chunk_index >= int(chunks):
             return {}
-        return suite.measure(editor, editor.device)
+        if steps is not None and T not in steps:
+            return {}
+        out = suite.measure(editor, editor.device)
+        if harness is not None:
+            t0 = time.perf_counter()
+            out.update(harness.measure(editor, editor.device))
+            out["seconds"] += time.perf_counter() - t0
+        return out
 
     return measure

@@ -1,11 +1,14 @@
 """A training's record: ``history.csv`` (one row per step) and ``loss.png`` (loss curves,
-validation figures), rewritten at each checkpoint and at the end."""
+validation figures), rewritten at each checkpoint and at the end; with
+``tracking.tensorboard=true`` also TensorBoard event files of the same rows
+(:mod:`editbench.tracking`, under ``<checkpoint folder>/tensorboard``)."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 from typing import Any
 
+from editbench import tracking
 from editbench.results import atomic_save_figure, atomic_write_text
 
 log = logging.getLogger("editbench.train")
@@ -23,6 +26,8 @@ def write_history(folder: Path, history: list[dict[str, Any]]) -> None:
         sorted(c for c in df.columns if c.startswith("val/")) + \
         [c for c in ("lr", "grad_norm", "seconds") if c in df.columns]
     atomic_write_text(folder / "history.csv", df[cols].to_csv(index=False))
+    if tracking.enabled():  # tracking.tensorboard=true: the same rows as TensorBoard scalars
+        tracking.log_history(history, tracking.tensorboard_dir(folder, tracking.settings().get("dir")))
     try:
         _plot_history(df, folder / "loss.png")
     except Exception as err:  # noqa: BLE001 - a plot must never fail a training
