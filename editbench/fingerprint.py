@@ -7,7 +7,10 @@ on a chunk's path: the protocol, the scoring, the Editor interface, the model lo
 general-ability tasks); a trained checkpoint by :func:`training_code` (the editor's module
 and its imports, the Editor interface, the training loop).
 The import graph is read from the source (:func:`static_imports`), so a change to a library
-module that an editor does not use does not invalidate that editor's results.
+module that an editor does not use does not invalidate that editor's results. A module is
+hashed by its syntax tree without docstrings (:func:`code_text`): a changed comment,
+docstring, blank line or line wrap computes the same numbers and keeps the fingerprint;
+any change to what runs changes it.
 """
 from __future__ import annotations
 
@@ -74,12 +77,30 @@ def import_closure(files: Iterable[Path], follow: tuple[str, ...] = ("editors",)
     return seen
 
 
+def code_text(path: Path) -> bytes:
+    """What of a Python module's source decides what it computes: its syntax tree (no
+    comments, no positions) without the docstrings of the module, its classes and functions.
+    A file that does not parse counts by its bytes."""
+    source = path.read_bytes()
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return source
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree, annotate_fields=False).encode("utf-8")
+
+
 def digest(files: Iterable[Path]) -> str:
-    """A hash of the files' paths (relative to the project) and contents."""
+    """A hash of the files' paths (relative to the project) and code (:func:`code_text`)."""
     h = hashlib.sha256()
     for f in sorted(Path(p).resolve() for p in files):
         rel = f.relative_to(ROOT) if f.is_relative_to(ROOT) else Path(f.name)
-        h.update(str(rel).encode() + b"\0" + f.read_bytes() + b"\0")
+        h.update(str(rel).encode() + b"\0" + code_text(f) + b"\0")
     return h.hexdigest()[:12]
 
 

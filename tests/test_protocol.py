@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 
 from editbench.data import evaluation_cases, in_val, load_train_cases
+from editbench.fingerprint import chunk_code
+from editbench.registry import editor_class
 from editbench.records import EditCase, EditRequest, Probe
 from editbench.runner import run
 from editbench.train import ensure_trained, train_key, train_settings
@@ -147,8 +149,13 @@ def test_changed_editor_source_recomputes_chunks_and_checkpoints_unless_reuse_st
     run(compose_cfg(*over), cases=cases, lm=tiny_llama)
     assert {p.name: json.loads(p.read_text()) for p in (folder / "chunks").glob("*.json")} == first
 
+    # a comment or docstring does not change what runs: the fingerprint stays
+    code = chunk_code(editor_class(name))
+    source.write_text('"""A docstring."""\n' + source.read_text() + "\n# a comment\n")
+    assert chunk_code(editor_class(name)) == code
+
     # changed source: reused only with runner.reuse_stale=true, and then marked stale
-    source.write_text(source.read_text() + "\n# a change\n")
+    source.write_text(source.read_text() + "\nCHANGED = 1\n")
     run(compose_cfg(*over, "runner.reuse_stale=true"), cases=cases, lm=tiny_llama)
     summary = pd.read_csv(folder / "summary.csv").set_index("metric")
     assert summary.loc["stale_chunks", "mean"] == 2
@@ -172,7 +179,7 @@ def test_the_training_key_depends_on_the_code_and_on_a_held_out_val_part(tmp_pat
                       quick)
     editor = build_editor(cfg, tiny_llama)
     key = train_key(cfg, editor, train_settings(editor))[0]
-    source.write_text(source.read_text() + "\n# a change\n")
+    source.write_text(source.read_text() + "\nCHANGED = 1\n")
     assert train_key(cfg, editor, train_settings(editor))[0] != key
     held = compose_cfg("model=tiny-llama", "editor=none", f"editor.name={name}", "data=cf",
                        f"data.train_path={train}", "data.val.from=train", quick)
