@@ -43,8 +43,10 @@ def available() -> bool:
 
 
 def configure(tracking_cfg: Mapping[str, Any] | None) -> None:
-    """Set the process's tracking settings from a ``tracking`` config section (None: off)."""
-    tracking_cfg = tracking_cfg or {}
+    """Set the process's tracking settings from a ``tracking`` config section (None: off).
+    Anything but a mapping counts as off here: the config check refuses it with its key."""
+    if not isinstance(tracking_cfg, Mapping):
+        tracking_cfg = {}
     _SETTINGS["tensorboard"] = bool(tracking_cfg.get("tensorboard", False))
     _SETTINGS["dir"] = tracking_cfg.get("dir")
 

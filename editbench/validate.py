@@ -36,7 +36,7 @@ from editbench.tracking import INSTALL_HINT as TRACKING_INSTALL_HINT, available 
 from editbench.train.loop import AUTOCAST_DTYPES, TRAIN_DEFAULTS
 from editbench.wild import CONTEXTS as WILD_CONTEXTS, MODES as WILD_MODES, WHEN as WILD_WHEN
 
-__all__ = ["RULES", "Rule", "validate_config"]
+__all__ = ["RULES", "Rule", "validate_config", "value_ok"]
 
 #: the model sources of :func:`editbench.models.load_model`
 MODEL_SOURCES = ("hf", "gguf", "random")
@@ -298,6 +298,7 @@ RULES: list[Rule] = [
          "must be null, a file pattern, a list of patterns or a mapping split -> pattern(s) (strings)"),
     Rule("data.path", _hub_readable, lambda: f"names a Hugging Face dataset: reading it needs {HUB_INSTALL_HINT}"),
     # experiment tracking (editbench/tracking.py)
+    Rule("tracking", lambda v, cfg=None: v is None or isinstance(v, Mapping), "must be a mapping (tensorboard, dir) or null"),
     Rule("tracking.tensorboard", lambda v, cfg=None: isinstance(v, bool) and (not v or tracking_available()),
          f"must be true or false; true needs the tensorboard package: {TRACKING_INSTALL_HINT}"),
     Rule("tracking.dir", _str_or_null, "must be null (<run or checkpoint folder>/tensorboard) or a folder path"),
@@ -396,6 +397,12 @@ def _resolved(cfg) -> dict[str, Any]:
         raw = _get(OmegaConf.to_container(cfg, resolve=False), key, "?")
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(f"{key}={raw!r}: cannot be resolved ({reason})") from None
+
+
+def value_ok(key: str, value: Any, cfg: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``value`` passes every rule of ``key`` (``cfg``: the whole config as plain
+    dicts, for the rules that read other keys)."""
+    return all(rule.check(value, cfg or {}) for rule in RULES if rule.key == key)
 
 
 def validate_config(cfg: DictConfig | Mapping[str, Any]) -> None:

@@ -2,12 +2,14 @@
 a bad value is one line naming the key, the value and what is allowed (CLI exit 2)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
 import sys
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 
 from editbench.editor import CONFIG_BOOKKEEPING
@@ -58,6 +60,7 @@ BAD: list[tuple[tuple[str, ...], str, str]] = [
     (("+eval.temperature=0.7",), "eval.temperature", "not an eval setting; valid: mode"),
     (("runner.curve=true", "eval.mode=wild"), "runner.curve", "needs teacher-forced scoring"),
     # experiment tracking
+    (("tracking=5",), "tracking", "a mapping (tensorboard, dir) or null"),
     (("tracking.tensorboard=yes",), "tracking.tensorboard", "true or false"),
     (("tracking.dir=[a]",), "tracking.dir", "a folder path"),
     (("+tracking.wandb=true",), "tracking.wandb", "not a tracking setting; valid: tensorboard, dir"),
@@ -160,18 +163,64 @@ BAD: list[tuple[tuple[str, ...], str, str]] = [
 ]
 
 
-def _message(*overrides: str) -> str:
+#: runs each row of BAD through the real entry point, ``python -m editbench <overrides>`` (runpy runs
+#: the package's __main__ exactly as ``-m`` does), in one process so that 130 rows cost one start-up
+_CLI_BATCH = r"""
+import contextlib, io, json, runpy, sys
+from hydra.core.global_hydra import GlobalHydra
+rows, dest = json.loads(sys.argv[1]), sys.argv[2]
+results = []
+for overrides in rows:
+    sys.argv = ["editbench", *overrides]
+    out, code = io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            runpy.run_module("editbench", run_name="__main__", alter_sys=True)
+        except SystemExit as err:
+            code = err.code
+    GlobalHydra.instance().clear()
+    results.append({"code": code, "output": out.getvalue()})
+with open(dest, "w") as f:
+    json.dump(results, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def cli_results(tmp_path_factory) -> tuple[list[dict], object]:
+    """Every row of BAD through the command line: [{code, output}], and the out_dir they were given."""
+    tmp = tmp_path_factory.mktemp("bad-cli")
+    out_dir = tmp / "results"
+    rows = [[*o, f"out_dir={out_dir}"] if not any(x.startswith("out_dir=") for x in o) else list(o) for o, _, _ in BAD]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    r = subprocess.run([sys.executable, "-c", _CLI_BATCH, json.dumps(rows), str(tmp / "results.json")], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return json.loads((tmp / "results.json").read_text()), out_dir
+
+
+@pytest.mark.parametrize("i", range(len(BAD)), ids=[" ".join(b[0]) for b in BAD])
+def test_a_bad_value_exits_2_with_one_line_naming_the_key_the_value_and_what_is_allowed(cli_results, i):
+    """Through ``python -m editbench``: exit status 2, the whole output one line
+    ``<key>=<value>: <what is allowed>`` (or ``<key> is not set: ...``), no traceback, and nothing
+    written (the check comes before any run folder, data, model or training)."""
+    overrides, key, allowed = BAD[i]
+    results, out_dir = cli_results
+    code, output = results[i]["code"], results[i]["output"]
+    assert "Traceback" not in output and "Error executing job" not in output, output
+    assert code == 2, f"exit {code}: {output}"
+    lines = output.strip().splitlines()
+    assert len(lines) == 1, output
+    assert lines[0].startswith(f"{key}=") or lines[0].startswith(f"{key} is not set:"), lines[0]
+    assert allowed in lines[0], lines[0]
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_validate_config_raises_the_same_one_line_value_error():
+    """The check itself (``runner.run`` and ``python -m editbench.train`` call it first): a
+    ``ValueError`` whose message is the line the command prints."""
     with pytest.raises(ValueError) as err:
-        validate_config(compose_cfg(*overrides))
-    return str(err.value)
-
-
-@pytest.mark.parametrize("overrides,key,allowed", BAD, ids=[" ".join(b[0]) for b in BAD])
-def test_a_bad_value_is_one_line_naming_the_key_the_value_and_what_is_allowed(overrides, key, allowed):
-    msg = _message(*overrides)
-    assert "\n" not in msg
-    assert msg.startswith(f"{key}=") or msg.startswith(f"{key} is not set:"), msg
-    assert allowed in msg, msg
+        validate_config(compose_cfg("runner.steps=[0]"))
+    assert str(err.value) == "runner.steps=[0]: must be a list of positive integers, e.g. [1,10,100]"
 
 
 def test_every_rule_has_a_bad_value_and_every_harness_key_has_a_rule():
@@ -235,12 +284,31 @@ def _cli(*args, timeout=300):
                           timeout=timeout, env=env)
 
 
-@pytest.mark.parametrize("override,key", [("runner.steps=5", "runner.steps"), ("runner.steps=[0]", "runner.steps"),
-                                          ("model.dtype=int8", "model.dtype")])
-def test_cli_bad_value_exits_2_with_one_line_and_no_traceback(tmp_path, override, key):
-    r = _cli("model=tiny-llama", override, f"out_dir={tmp_path}")
+#: the originally reported bugs (issue #24), each exactly as reported, through ``python -m editbench``
+REPORTED = [("runner.steps=[0]", "runner.steps=[0]: must be a list of positive integers, e.g. [1,10,100]"),
+            ("runner.steps=5", "runner.steps=5: must be a list of positive integers, e.g. [1,10,100]"),
+            ("model.dtype=int8", "model.dtype='int8': must be one of float32, bfloat16, float16"),
+            ("runner.n_cases=0", "runner.n_cases=0: must be a positive integer or null (all cases)")]
+
+
+@pytest.mark.parametrize("override,line", REPORTED, ids=[r[0] for r in REPORTED])
+def test_cli_bad_value_exits_2_with_one_line_and_no_traceback(tmp_path, override, line):
+    r = _cli(override, f"out_dir={tmp_path}")
     assert r.returncode == 2, r.stdout + r.stderr
-    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if f"{key}=" in ln]
-    assert len(lines) == 1 and "must be" in lines[0], r.stdout + r.stderr
-    assert "Traceback" not in r.stderr
-    assert not any(tmp_path.iterdir())  # refused before a run folder was made
+    assert (r.stdout + r.stderr).strip() == line   # the whole output: one line, no traceback
+    assert not any(tmp_path.iterdir())             # refused before a run folder was made
+
+
+def test_cli_steps_larger_than_the_cases_say_what_was_run(tmp_path):
+    """``runner.steps=[1,1000]`` with 3 cases: T=1 runs; the log says T=1000 has no chunk, and
+    the printed table and summary.csv have T=1 only (exit 0)."""
+    r = _cli("model=tiny-llama", "runner.steps=[1,1000]", "runner.n_cases=3", "runner.progress=false",
+             f"out_dir={tmp_path}")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    out = r.stdout + r.stderr
+    assert "T=1000: only 3 case(s) selected; no chunk of 1000 to run" in out
+    assert "Traceback" not in out
+    table = out[out.index("mean [95% CI] n"):].splitlines()
+    assert table[1].split() == ["metric", "T=1"], table[:3]
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert sorted(set(pd.read_csv(run / "summary.csv")["T"])) == [1]
