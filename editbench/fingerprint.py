@@ -25,7 +25,8 @@ PACKAGES = ("editbench", "editors")
 ROOT = Path(__file__).resolve().parents[1]
 
 #: harness modules on the path of every chunk's numbers (besides the editor's own imports)
-CHUNK_PATH = ("editbench/runner.py", "editbench/scoring.py", "editbench/editor.py", "editbench/models.py",
+CHUNK_PATH = ("editbench/runner.py", "editbench/plan.py", "editbench/session.py", "editbench/reference.py",
+              "editbench/scoring.py", "editbench/wild.py", "editbench/editor.py", "editbench/models.py",
               "editbench/general/__init__.py", "editbench/general/data.py", "editbench/general/tasks.py")
 #: ... and of every trained checkpoint
 TRAINING_PATH = ("editbench/editor.py", "editbench/train/loop.py")

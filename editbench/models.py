@@ -31,6 +31,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: the values of ``autocast`` settings (training steps, editors' optimisation loops)
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cache_dir(*parts: str) -> Path:
@@ -256,3 +258,27 @@ def model_fingerprint(cfg: Mapping[str, Any]) -> str:
     """A stable id of a model config (for cache keys of statistics and checkpoints)."""
     keys = {k: cfg.get(k) for k in ("name", "source", "path", "gguf", "family", "arch", "seed", "dtype")}
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def autocast_context(device: torch.device | str, dtype: str | None, cache: bool = True):
+    """Mixed precision for an optimisation loop (a training step, an editor's value search):
+    the matmuls of the forward pass in ``dtype`` (``bfloat16`` uses the CPU's matrix units),
+    while parameters, optimiser state, gradients of float32 tensors and weight updates stay
+    float32; a no-op for ``None``. Losses should be computed from ``logits.float()``.
+
+    ``cache`` is autocast's cache of the casts of trained weights: it lives until the region
+    ends, so a region around several optimiser steps must pass ``cache=False`` (a cached cast
+    would be the weight before the step)."""
+    import contextlib
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    device = torch.device(device)
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[dtype], cache_enabled=cache))
+    if device.type == "cpu":
+        # PyTorch's CPU flash-attention kernel is slow in bf16 on short rows (its backward was
+        # 0.6 s of a 2.7 s RECIPE step on SmolLM2); the math kernel computes the same attention
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    return stack

@@ -69,6 +69,7 @@ from editbench.models import LoadedModel
 from editbench.plan import (Planned, cases_fingerprint, check_unique_ids, edit_schedule, edit_seed, pending_chunks,
                             plan_chunks, run_id, seed_all, select_cases)
 from editbench.records import EditCase, EditFailed
+from editbench.reference import unedited_pass
 from editbench.scoring import Timing, sync
 from editbench.session import Session, check_compatible, open_session
 from editbench.validate import validate_config
@@ -196,7 +197,8 @@ def run_chunks(ctx: Session, todo: Sequence[Planned], code: str) -> None:
                   lost, n_done, run.path)
         raise
     try:
-        ctx.guard.verify_all(editor.name)
+        if len(written) > 1:  # the first chunk was checked right after it (nothing else ran since)
+            ctx.guard.verify_all(editor.name)
     except RestoreError as err:
         # Some chunk of this process changed the model for good: none of them can be trusted.
         rejected = run.chunks / "rejected"
@@ -233,11 +235,8 @@ def _run_chunk(ctx: Session, T: int, idx: int, chunk: list[EditCase]) -> dict[st
         torch.cuda.reset_peak_memory_stats(device)
 
     model.eval()
-    unedited, ref_timing = scorer.score(editor, chunk, reference=True)
-    if scorer.nonfinite:
-        cid, what = next(iter(scorer.nonfinite.items()))
-        raise RuntimeError(f"the unedited model gives NaN/Inf logits on case {cid} ({', '.join(what)}) before any "
-                           f"edit: check model.dtype (float16 overflows on some models) and the model weights")
+    # the unedited model on this chunk: shared by every editor and rerun (editbench/reference.py)
+    unedited, ref_timing, ref_cached = unedited_pass(scorer, model, chunk, ctx.model_id)
 
     #: position in the chunk -> why its edit failed
     failures: dict[int, str] = {}
@@ -333,7 +332,8 @@ def _run_chunk(ctx: Session, T: int, idx: int, chunk: list[EditCase]) -> dict[st
         cases.append(entry)
     record = {"T": T, "chunk": idx, "cases": cases, "editor_stats": stats, "peak_mem_mb": peak_mem_mb(device),
               "timing": {"seconds": timing.seconds, "queries": timing.queries},
-              "reference_timing": {"seconds": ref_timing.seconds, "queries": ref_timing.queries}}
+              "reference_timing": {"seconds": ref_timing.seconds, "queries": ref_timing.queries,
+                                   "cached": ref_cached}}
     if T in curve_at:  # the last checkpoint is the chunk's final scoring pass
         final = {k: edited[c.case_id]["reliability"] for k, c in enumerate(chunk)
                  if k not in failures and c.case_id not in logit_faults}

@@ -16,6 +16,7 @@ One definition for every editor (DESIGN.md, "Metrics"):
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import time
@@ -181,10 +182,19 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right",
     return ids.to(device), mask.to(device)
 
 
-def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first)."""
+def length_batches(lengths: Sequence[int], batch_size: int, min_fill: float | None = None) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), at most ``batch_size``
+    each; with ``min_fill``, a batch also ends before a sequence shorter than ``min_fill``
+    times the batch's longest (so padding stays under ``1 - min_fill`` of a batch)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if min_fill is None:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for i in order:
+        if not batches or len(batches[-1]) >= batch_size or lengths[i] < min_fill * lengths[batches[-1][0]]:
+            batches.append([])
+        batches[-1].append(i)
+    return batches
 
 
 # --------------------------------------------------------------------------- teacher forcing
@@ -333,38 +343,68 @@ def greedy_generate(logits_fn: LogitsFn, prompts: Sequence[Sequence[int]], n_new
 
 def _generate_cached(model: nn.Module, prompts, n_new, pad_id, batch_size, device, nonfinite, stop):
     """:func:`greedy_generate` with the model's KV cache: left padding, positions from the
-    mask, one token per step for every row of the batch until each is stopped or spent (a
-    finished row keeps its place, so a batch's shapes never depend on other rows' answers)."""
+    mask, one token per step. A row whose answer is complete (a stop) keeps its place until its
+    budget ``n_new[i]`` is spent, and a row whose budget is spent leaves the batch (its cache
+    rows are dropped): the batch's shapes depend on the budgets alone, never on the answers."""
     out: list[list[int]] = [[] for _ in prompts]
     params = inspect.signature(model.forward).parameters
     cache_arg = "cache" if "cache" in params else "past_key_values"   # transformers 5 renamed it
     keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    for batch in length_batches([len(p) for p in prompts], batch_size):
+    # prompts of a batch at least half as long as its longest: the prompt pass pads to the
+    # longest, while every step after it reads all the weights whatever the batch size
+    for batch in length_batches([len(p) for p in prompts], batch_size, min_fill=0.5):
+        batch = [i for i in batch if n_new[i] >= 1]
+        if not batch:
+            continue
         ids, mask = pad_batch([prompts[i] for i in batch], pad_id, "left", device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
-        cache, logits = _cache_of(res), res.logits[:, -1]
+        cache, logits = _prompt_pass(model, ids, mask, pos, cache_arg, keep)
         last = pos[:, -1]
-        done = [n_new[i] < 1 for i in batch]
+        stopped: set[int] = set()
         for step in range(max(n_new[i] for i in batch)):
             nxt = logits.float().argmax(-1)
             ok = torch.isfinite(logits).all(-1).tolist()
             for row, (i, t) in enumerate(zip(batch, nxt.tolist())):
-                if done[row]:
+                if i in stopped:
                     continue
                 if nonfinite is not None and not ok[row]:
                     nonfinite.add(i)
                 out[i].append(t)
-                if len(out[i]) >= n_new[i] or (stop is not None and stop(i, out[i])):
-                    done[row] = True
-            if all(done):
+                if stop is not None and stop(i, out[i]):
+                    stopped.add(i)
+            live = [row for row, i in enumerate(batch) if n_new[i] > step + 1]
+            if not live or all(batch[row] in stopped for row in live):
                 break
+            if len(live) < len(batch):   # budgets spent: those rows leave the batch and its cache
+                index = torch.tensor(live, device=nxt.device)
+                cache.batch_select_indices(index)
+                batch = [batch[row] for row in live]
+                mask, last, nxt = mask[index], last[index], nxt[index]
             mask = torch.cat([mask, mask.new_ones((len(batch), 1))], dim=1)
             last = last + 1
             res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None],
                         use_cache=True, **keep, **{cache_arg: cache})
             cache, logits = _cache_of(res), res.logits[:, -1]
     return out
+
+
+def _prompt_pass(model: nn.Module, ids, mask, pos, cache_arg: str, keep: dict):
+    """(the KV cache, the next-token logits) of a left-padded batch of prompts: the body once,
+    the head on the last position only (transformers' own ``logits_to_keep`` slice runs the
+    head as a batched matmul over a broadcast weight, seconds for a 49k vocabulary); the full
+    forward where the head-only path is not known to agree (:func:`model_logits_at`)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, "base_model", None)
+    usable = (head is not None and base is not None and base is not model and _HEAD_ONLY_OK.get(model, True)
+              and not (model._forward_hooks or model._forward_pre_hooks))
+    if usable and model in _HEAD_ONLY_OK:
+        res = base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        return _cache_of(res), head(res.last_hidden_state[:, -1].contiguous())
+    res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
+    if usable:   # first use for this model: check the head-only path once, as model_logits_at does
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        model_logits_at(model, ids, mask, rows, torch.full_like(rows, ids.shape[1] - 1))
+    return _cache_of(res), res.logits[:, -1]
 
 
 def _cache_of(res):
@@ -477,6 +517,26 @@ class Scorer:
         self._special = set(getattr(tok, "all_special_ids", None) or [])
         if tok.eos_token_id is not None:
             self._special.add(tok.eos_token_id)
+
+    def settings(self) -> dict:
+        """Every setting that changes what a scoring pass computes (the reference cache's key)."""
+        return {"batch_size": self.batch_size, "padding_side": self.padding_side, "cf_metrics": self.cf_metrics,
+                "exact_match": self.exact_match, "mode": self.mode,
+                "wild": None if self.mode == "teacher_forced" else dataclasses.asdict(self.wild),
+                "tokenizer": getattr(self.tok, "name_or_path", type(self.tok).__name__), "pad_id": self.pad_id}
+
+    def reference_state(self, cases) -> dict[str, dict]:
+        """What a ``reference=True`` pass left for ``cases`` (the locality references,
+        teacher-forced and WILD), in a JSON-able form for :meth:`load_reference_state`."""
+        ids = [c.case_id for c in cases]
+        return {"locality": {i: self.locality_reference[i] for i in ids if i in self.locality_reference},
+                "wild": {i: self.wild_reference[i] for i in ids if i in self.wild_reference}}
+
+    def load_reference_state(self, state: dict[str, dict]) -> None:
+        """Install references saved by :meth:`reference_state` (editbench.reference)."""
+        self.locality_reference.update({k: [list(t) for t in v] for k, v in state["locality"].items()})
+        self.wild_reference.update({k: list(v) for k, v in state["wild"].items()})
+        self.nonfinite = {}
 
     def encode(self, prompt: str, target: str) -> Encoded:
         key = (prompt, target)

@@ -20,8 +20,8 @@ from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from editbench.guard import WeightGuard
-from editbench.models import SUPPORTED_FAMILIES, LoadedModel, load_model
+from editbench.guard import WeightGuard, weights_sample
+from editbench.models import SUPPORTED_FAMILIES, LoadedModel, cache_dir, load_model, model_fingerprint
 from editbench.plan import batch_mode, check_cases, max_positions
 from editbench.records import EditCase
 from editbench.registry import editor_class
@@ -52,6 +52,8 @@ class Session:
     #: why the chunks of this session are stale (a checkpoint trained by other code, reused with
     #: runner.reuse_stale=true); None: not stale
     stale: str | None = None
+    #: the model's identity in cache keys (config fingerprint and a sample of its weights)
+    model_id: str = ""
 
 
 def check_compatible(cfg: DictConfig) -> type:
@@ -136,7 +138,9 @@ def open_session(cfg: DictConfig, cases: Sequence[EditCase], lm: LoadedModel | N
     if run is not None:
         run.write_env(str(lm.model.device if hasattr(lm.model, "device") else "cpu"),
                       {"model_description": cfg.model.get("description"), "editor": editor.provenance()})
-    session = Session(cfg, lm, editor, scorer, WeightGuard(lm.model), run, after_edit_hooks(cfg, lm), stale=stale)
+    model_id = f"{model_fingerprint(cfg.model)}-{weights_sample(lm.model)}"
+    session = Session(cfg, lm, editor, scorer, WeightGuard(lm.model, cache_dir("guard")), run,
+                      after_edit_hooks(cfg, lm), stale=stale, model_id=model_id)
     if cfg.runner.get("curve") and batch_mode(cfg):
         log.warning("runner.curve=true has no effect with runner.batch_edit=true (no state between edits)")
     elif cfg.runner.get("curve"):

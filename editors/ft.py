@@ -64,7 +64,7 @@ from editbench.registry import register
 from editbench.scoring import encode
 from editbench.editor import Editor, hparams_from_cfg
 from editors.lib.forward import UpperStack
-from editors.lib.precision import Float32Masters
+from editors.lib.precision import Float32Masters, check_autocast, mixed_precision
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,12 @@ class FTParams:
     weight_decay: float = 0.0
     norm_constraint: float | None = None
     early_stop_loss: float = 1e-2
+    #: null (float32) | bfloat16: the training steps' forward passes under autocast
+    #: (editbench.models.autocast_context); Adam steps float32 weights (or masters)
+    autocast: str | None = None
 
     def __post_init__(self):
+        check_autocast("ft", self.autocast)
         if self.objective not in ("prompt_last", "target_new"):
             raise ValueError(f"editor 'ft': objective must be prompt_last or target_new, got '{self.objective}'")
         if isinstance(self.norm_constraint, bool):  # EasyEdit writes `norm_constraint: false`
@@ -131,28 +135,31 @@ class FT(Editor):
         steps = 0
         loss_value = float("nan")
         try:
-            for steps in range(1, hp.num_steps + 1):
-                opt.zero_grad(set_to_none=True)
-                for w, m in zip(weights, masters):
-                    if m is not None:
-                        w.grad = None
-                logits = head(upper.hidden_states()[0, positions])
-                loss = -torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).mean()
-                loss_value = loss.item()
-                if loss_value < hp.early_stop_loss:
-                    break
-                loss.backward()
-                for w, m in zip(weights, masters):
-                    if m is not None:
-                        m.grad = None if w.grad is None else w.grad.float()
-                opt.step()
-                with torch.no_grad():
-                    if hp.norm_constraint is not None:
-                        for t, t0 in zip(stepped, bounds):
-                            t.copy_(torch.clamp(t, t0 - hp.norm_constraint, t0 + hp.norm_constraint))
-                    for n, w, m in zip(self.weight_names, weights, masters):
+            # bfloat16 autocast (hp.autocast): the layers from the lowest trained one and the head
+            # in half precision for the whole loop; the trained weights and Adam stay float32
+            with mixed_precision(self.model, self.arch, min(self.layer_indices), hp.autocast, keep=weights):
+                for steps in range(1, hp.num_steps + 1):
+                    opt.zero_grad(set_to_none=True)
+                    for w, m in zip(weights, masters):
                         if m is not None:
-                            self.masters.write(n, w)
+                            w.grad = None
+                    logits = head(upper.hidden_states()[0, positions])
+                    loss = -torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).mean()
+                    loss_value = loss.item()
+                    if loss_value < hp.early_stop_loss:
+                        break
+                    loss.backward()
+                    for w, m in zip(weights, masters):
+                        if m is not None:
+                            m.grad = None if w.grad is None else w.grad.float()
+                    opt.step()
+                    with torch.no_grad():
+                        if hp.norm_constraint is not None:
+                            for t, t0 in zip(stepped, bounds):
+                                t.copy_(torch.clamp(t, t0 - hp.norm_constraint, t0 + hp.norm_constraint))
+                        for n, w, m in zip(self.weight_names, weights, masters):
+                            if m is not None:
+                                self.masters.write(n, w)
         finally:
             for w, m in zip(weights, masters):
                 w.requires_grad_(False)

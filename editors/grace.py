@@ -64,6 +64,7 @@ from editbench.registry import register
 from editbench.scoring import encode, model_logits
 from editbench.editor import Editor, hparams_from_cfg
 from editors.lib.forward import UpperStack
+from editors.lib.precision import check_autocast, mixed_precision
 from editors.lib.swap import ModuleSwap
 
 
@@ -79,8 +80,12 @@ class GraceParams:
     eps_expand: str = "coverage"
     dist_fn: str = "euc"
     early_stop_loss: float | None = None
+    #: null (float32) | bfloat16: the value training's forward passes in half precision
+    #: (editors.lib.precision.mixed_precision); the value and Adam stay float32
+    autocast: str | None = None
 
     def __post_init__(self):
+        check_autocast("grace", self.autocast)
         self.eps, self.edit_lr = float(self.eps), float(self.edit_lr)  # `editor.eps=1` is an int
         checks = {"replacement": ("replace_last", "replace_all"), "val_init": ("cold", "warm"),
                   "eps_expand": ("coverage", "moving_average"), "dist_fn": ("euc",)}
@@ -254,16 +259,19 @@ class Grace(Editor):
         book.trainable = (slot, value)
         steps, loss_value = 0, float("nan")
         try:
-            with torch.enable_grad():
-                for steps in range(1, hp.n_iter + 1):
-                    logits = stack.head(stack.hidden_states()[rows, cols])
-                    loss = F.cross_entropy(logits.float(), targets)
-                    loss_value = loss.item()
-                    if hp.early_stop_loss is not None and loss_value < hp.early_stop_loss:
-                        break
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+            # bfloat16 autocast (hp.autocast): the layers from the edited one and the head in half
+            # precision for the whole loop; the trained value and Adam stay float32
+            with mixed_precision(self.model, self.arch, hp.layer, hp.autocast):
+                with torch.enable_grad():
+                    for steps in range(1, hp.n_iter + 1):
+                        logits = stack.head(stack.hidden_states()[rows, cols])
+                        loss = F.cross_entropy(logits.float(), targets)
+                        loss_value = loss.item()
+                        if hp.early_stop_loss is not None and loss_value < hp.early_stop_loss:
+                            break
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
         finally:
             book.trainable = None
             book.values[slot] = value.detach().to(book.values.dtype)

@@ -114,6 +114,7 @@ from editbench.registry import register
 from editbench.scoring import encode, model_logits, pad_batch
 from editbench.editor import Editor, hparams_from_cfg
 from editors.lib.forward import UpperStack
+from editors.lib.precision import check_autocast, mixed_precision
 from editors.lib.swap import ModuleSwap
 
 log = logging.getLogger(__name__)
@@ -149,8 +150,12 @@ class TPatcherParams:
     memory_size: int = 40000
     update_memory: bool = True
     fit_batch_size: int = 16
+    #: null (float32) | bfloat16: the patch training's forward passes in half precision
+    #: (editors.lib.precision.mixed_precision); the neurons and Adam stay float32
+    autocast: str | None = None
 
     def __post_init__(self):
+        check_autocast("tpatcher", self.autocast)
         for f in ("lr", "weight_decay", "grad_clip", "lr_decay", "alc", "mlc", "act_margin", "margin_val1",
                   "margin_val2", "amplify_con", "val_threshold"):
             setattr(self, f, float(getattr(self, f)))  # `editor.lr=1` on the command line is an int
@@ -446,35 +451,38 @@ class TPatcher(Editor):
         val_losses: list[float] = []
         success, step, losses = False, 0, {}
         try:
-            with torch.enable_grad():
-                # `step` = optimiser steps taken; the forward pass of each iteration sees the
-                # patch after `step` steps, which is what the official validation after epoch
-                # `step - 1` sees (its model is the same: no dropout, frozen base model)
-                while True:
-                    logits = stack.head(stack.hidden_states()[rows, at]).float()
-                    loss_e = F.cross_entropy(logits, labels)
-                    act = ffn.pending_pre[:, where, neuron]                      # (batch, n)
-                    loss_a = topk_mean(torch.exp(hp.act_margin - act), hp.act_topk)
-                    loss = loss_e + hp.alc * loss_a
-                    loss_m = torch.zeros(())
-                    if memory is not None and hp.mlc > 0:
-                        loss_m = memory_loss(memory, key, bias, act, hp.memory_topk, hp.margin_val1, hp.margin_val2)
-                        loss = loss + hp.mlc * loss_m
-                    losses = {"loss_e": loss_e.item(), "loss_a": loss_a.item(), "loss_m": loss_m.item()}
-                    check = step > 0 and step % hp.check_every == 0
-                    if check or step == hp.max_steps:
-                        success = bool((logits.argmax(-1) == labels).all())
-                    if check:
-                        sched.step(losses["loss_e"])      # official: ReduceLROnPlateau on the validation loss
-                        if step > hp.start_val_step and success and self._stop(step, val_losses, key, bias, act):
+            # bfloat16 autocast (hp.autocast): the layers from the patched one and the head in half
+            # precision for the whole loop; the patch neurons and Adam stay float32
+            with mixed_precision(self.model, self.arch, self.layer, hp.autocast):
+                with torch.enable_grad():
+                    # `step` = optimiser steps taken; the forward pass of each iteration sees the
+                    # patch after `step` steps, which is what the official validation after epoch
+                    # `step - 1` sees (its model is the same: no dropout, frozen base model)
+                    while True:
+                        logits = stack.head(stack.hidden_states()[rows, at]).float()
+                        loss_e = F.cross_entropy(logits, labels)
+                        act = ffn.pending_pre[:, where, neuron]                      # (batch, n)
+                        loss_a = topk_mean(torch.exp(hp.act_margin - act), hp.act_topk)
+                        loss = loss_e + hp.alc * loss_a
+                        loss_m = torch.zeros(())
+                        if memory is not None and hp.mlc > 0:
+                            loss_m = memory_loss(memory, key, bias, act, hp.memory_topk, hp.margin_val1, hp.margin_val2)
+                            loss = loss + hp.mlc * loss_m
+                        losses = {"loss_e": loss_e.item(), "loss_a": loss_a.item(), "loss_m": loss_m.item()}
+                        check = step > 0 and step % hp.check_every == 0
+                        if check or step == hp.max_steps:
+                            success = bool((logits.argmax(-1) == labels).all())
+                        if check:
+                            sched.step(losses["loss_e"])      # official: ReduceLROnPlateau on the validation loss
+                            if step > hp.start_val_step and success and self._stop(step, val_losses, key, bias, act):
+                                break
+                        if step == hp.max_steps:
                             break
-                    if step == hp.max_steps:
-                        break
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, hp.grad_clip)
-                    opt.step()
-                    step += 1
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        torch.nn.utils.clip_grad_norm_(params, hp.grad_clip)
+                        opt.step()
+                        step += 1
         finally:
             if ffn.pending is not None:
                 ffn.commit()

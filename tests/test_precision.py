@@ -210,3 +210,55 @@ def test_masters_accumulate_updates_that_bfloat16_rounds_away(tiny_llama):
     assert torch.equal(masters.master("w", w), torch.full((4, 4), 0.5))
     with pytest.raises(KeyError, match="remember"):
         masters.master("unknown", w)
+
+
+# --------------------------------------------------------------------------- bf16 autocast of the optimisation loops
+def test_low_precision_linears_put_back_the_same_float32_tensors(tiny_llama):
+    from editors.lib.precision import low_precision_linears
+
+    model = tiny_llama.model
+    before = {n: (p.data.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    lin = tiny_llama.arch.module(model, "mlp_out", 1)
+    with low_precision_linears([tiny_llama.arch.module(model, "layer", 1)], "bfloat16", keep=[lin.weight]):
+        assert lin.weight.dtype == torch.float32                       # kept: trained weights stay float32
+        q = tiny_llama.arch.module(model, "layer", 1).self_attn.q_proj.weight
+        assert q.dtype == torch.bfloat16
+        assert torch.equal(q, before[f"{tiny_llama.arch.name('layer', 1)}.self_attn.q_proj.weight"][1].bfloat16())
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.float32 and p.data.data_ptr() == before[n][0] and torch.equal(p, before[n][1]), n
+
+
+@pytest.mark.parametrize("editor,extra", [("ft", ("editor.objective=target_new",)), ("rome", ()), ("grace", ()),
+                                          ("tpatcher", ())])
+def test_bfloat16_autocast_edits_like_float32_and_resets_bit_for_bit(tiny_llama, stats_env, editor, extra):  # noqa: F811
+    """The same edit with ``editor.autocast=bfloat16`` moves the target like the float32 edit
+    (within TOLERANCE of the float32 NLL change), leaves every weight float32, and reset restores
+    the model bit for bit."""
+    from editbench.scoring import encode
+
+    req = toy_cases(1)[0].request
+    e = encode(tiny_llama.tokenizer, req.prompt, req.target_new)
+    ids, cols = torch.tensor([e.ids]), torch.arange(e.start - 1, len(e.ids) - 1)
+
+    def nll(source) -> float:   # the target's mean NLL through the editor's own logits
+        with torch.no_grad():
+            logp = torch.log_softmax(source.logits(ids, torch.ones_like(ids))[0].float(), -1)
+        return -logp[cols, torch.tensor(e.target_ids)].mean().item()
+
+    state = _state(tiny_llama.model)
+    nll0 = target_nll(tiny_llama.model, tiny_llama.tokenizer, req.prompt, req.target_new)
+    moved = {}
+    for ac in ("null", "bfloat16"):
+        ed = build_editor(compose_cfg("model=tiny-llama", f"editor={editor}", f"editor.autocast={ac}", *extra),
+                          tiny_llama)
+        if editor == "tpatcher":
+            ed.fit(toy_cases(6)[1:])
+        torch.manual_seed(0)
+        ed.edit(req)
+        assert all(p.dtype == torch.float32 for p in tiny_llama.model.parameters())
+        moved[ac] = nll(ed) - nll0
+        ed.reset()
+        after = tiny_llama.model.state_dict()
+        assert all(torch.equal(after[n], state[n]) for n in state)
+    assert moved["null"] < -0.1, moved
+    assert abs(moved["bfloat16"] - moved["null"]) <= TOLERANCE * abs(moved["null"]), moved

@@ -60,7 +60,7 @@ from editbench.checkpoints import CheckpointError, checkpoint_key, load_checkpoi
 from editbench.data import load_train_cases, train_holds_val
 from editbench.fingerprint import training_code
 from editbench.guard import weights_digest
-from editbench.models import cache_dir, model_fingerprint
+from editbench.models import AUTOCAST_DTYPES, autocast_context, cache_dir, model_fingerprint
 from editbench.plan import derived_seed, seed_all
 from editbench.records import EditCase
 from editbench.train.history import write_history
@@ -88,7 +88,6 @@ NOT_IN_KEY = ("progress", "val_every", "ckpt_every")
 #: train settings added after checkpoints were cached: in the key only when set (not null), so
 #: that a config without them keeps the key it had
 KEY_WHEN_SET = ("autocast",)
-AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 FINAL = "final.safetensors"
 PARTIAL = "partial.safetensors"
 
@@ -447,17 +446,7 @@ def train(editor, model: nn.Module, cases: Sequence[EditCase], settings: TrainSe
 def _autocast(model: nn.Module, dtype: str | None):
     """Mixed precision for one training step: the frozen LLM's and the trained modules' matmuls
     in ``dtype`` (weights and optimiser state stay float32); a no-op for ``None``."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    device = next(model.parameters()).device
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[dtype]))
-    if device.type == "cpu":
-        # PyTorch's CPU flash-attention kernel is slow in bf16 on short rows (its backward was
-        # 0.6 s of a 2.7 s RECIPE step on SmolLM2); the math kernel is the same attention
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-    return stack
+    return autocast_context(next(model.parameters()).device, dtype)
 
 
 def validate(editor, trainable: nn.Module, cases: Sequence[EditCase]) -> dict[str, float]:

@@ -50,7 +50,7 @@ from editbench.models import ArchSpec
 from editbench.records import EditRequest
 from editbench.scoring import encode
 from editors.lib.forward import StopForward, StreamBatch, StreamDelta, layer_output
-from editors.lib.precision import write_rounded
+from editors.lib.precision import check_autocast, mixed_precision, write_rounded
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,9 @@ class LocateParams:
     kl_factor: float = 0.0625
     early_stop_loss: float = 0.05
     kl_prompt: str = "{} is a"
+    #: null (float32) | bfloat16: the value search's forward passes under autocast
+    #: (editbench.models.autocast_context); the delta, Adam and every update stay float32
+    autocast: str | None = None
     # context templates: [[length in tokens, count], ...]; count is split over 5 starters
     context_template_length_params: list = field(default_factory=lambda: [[5, 10], [10, 10]])
     context_template_seed: int = 0
@@ -87,6 +90,7 @@ class LocateParams:
             raise ValueError(f"fact_token must be subject_last or last, got '{self.fact_token}'")
         if "{}" not in self.kl_prompt:
             raise ValueError(f"kl_prompt must contain '{{}}' for the subject, got '{self.kl_prompt}'")
+        check_autocast(type(self).__name__, self.autocast)
         for pair in self.context_template_length_params:
             if len(pair) != 2 or int(pair[0]) < 1 or int(pair[1]) < 0:
                 raise ValueError(f"context_template_length_params entries are [length, count], got {pair}")
@@ -392,36 +396,39 @@ def optimize_value(tail: StreamDelta, rows: EditRows, layer: int, capture: Layer
     kl_init = None
     loss_vec = nll_vec = None
     batch = rows.stream_batch()
-    for it in range(hp.v_num_grad_steps):
-        logits = tail.logits(layer, h0, delta[row_req], batch, pos_rows, pos_cols)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        # NLL of every target token, summed per row, / target length, averaged over the rows
-        tok_lp = logp[:n_t].gather(-1, rows.target_ids[:, None])[:, 0]
-        per_req_sum = torch.zeros(n, device=device).index_add(0, target_req, tok_lp)
-        nll = -per_req_sum / tgt_len / rows_per_req
-        kl_lp = logp[n_t:]
-        if kl_init is None:
-            kl_init = kl_lp.detach()
-        kl = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)          # KL(current || initial) per request
-        decay = hp.v_weight_decay * delta.norm(dim=-1) / init_norm ** 2
-        loss = nll + hp.kl_factor * kl + decay
-        loss_vec, nll_vec = loss.detach(), nll.detach()
-        for i in range(n):
-            if not done[i]:
-                steps[i] = it + 1
-        done = done | (loss_vec < hp.early_stop_loss)
-        if bool(done.all()) or it == hp.v_num_grad_steps - 1:
-            break
-        opt.zero_grad(set_to_none=True)
-        loss[~done].sum().backward()
-        before = delta.detach().clone()
-        opt.step()
-        with torch.no_grad():
-            delta[done] = before[done]
-            norms = delta.norm(dim=-1)
-            over = norms > max_norm
-            if bool(over.any()):
-                delta[over] = delta[over] * (max_norm[over] / norms[over])[:, None]
+    # bfloat16 autocast (hp.autocast): the layers above `layer` and the head in half precision
+    # for the whole search; delta, Adam and the losses stay float32
+    with mixed_precision(tail.model, tail.arch, layer + 1, hp.autocast):
+        for it in range(hp.v_num_grad_steps):
+            logits = tail.logits(layer, h0, delta[row_req], batch, pos_rows, pos_cols)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            # NLL of every target token, summed per row, / target length, averaged over the rows
+            tok_lp = logp[:n_t].gather(-1, rows.target_ids[:, None])[:, 0]
+            per_req_sum = torch.zeros(n, device=device).index_add(0, target_req, tok_lp)
+            nll = -per_req_sum / tgt_len / rows_per_req
+            kl_lp = logp[n_t:]
+            if kl_init is None:
+                kl_init = kl_lp.detach()
+            kl = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)          # KL(current || initial) per request
+            decay = hp.v_weight_decay * delta.norm(dim=-1) / init_norm ** 2
+            loss = nll + hp.kl_factor * kl + decay
+            loss_vec, nll_vec = loss.detach(), nll.detach()
+            for i in range(n):
+                if not done[i]:
+                    steps[i] = it + 1
+            done = done | (loss_vec < hp.early_stop_loss)
+            if bool(done.all()) or it == hp.v_num_grad_steps - 1:
+                break
+            opt.zero_grad(set_to_none=True)
+            loss[~done].sum().backward()
+            before = delta.detach().clone()
+            opt.step()
+            with torch.no_grad():
+                delta[done] = before[done]
+                norms = delta.norm(dim=-1)
+                over = norms > max_norm
+                if bool(over.any()):
+                    delta[over] = delta[over] * (max_norm[over] / norms[over])[:, None]
     return ValueResult(delta.detach(), loss_vec.tolist(), nll_vec.tolist(), steps)
 
 

@@ -24,9 +24,13 @@ masters in ``reset()``; the originals restore the weights bit for bit as before.
 """
 from __future__ import annotations
 
-from typing import Mapping
+import contextlib
+from typing import Iterable, Iterator, Mapping
 
 import torch
+from torch import nn
+
+from editbench.models import AUTOCAST_DTYPES, ArchSpec, autocast_context
 
 
 def wants_master(param: torch.Tensor) -> bool:
@@ -80,3 +84,63 @@ class Float32Masters:
 
     def __len__(self) -> int:
         return len(self._masters)
+
+
+# --------------------------------------------------------------------------- mixed precision
+@contextlib.contextmanager
+def low_precision_linears(modules: Iterable[nn.Module], dtype: str | None,
+                          keep: Iterable[torch.Tensor] = ()) -> Iterator[None]:
+    """For the duration, the float32 weights of every ``nn.Linear`` under ``modules`` hold
+    copies cast to ``dtype`` (``None``: nothing changes); the original float32 tensors are put
+    back afterwards, bit for bit (the same storage, never a round trip through ``dtype``).
+
+    Under :func:`editbench.models.autocast_context` a float32 weight is cast again at every
+    call, because autocast caches casts only of weights that require grad: in ROME's value
+    search on SmolLM2 those casts cost as much as the bf16 matmuls themselves. The copies are
+    exactly the casts autocast would make, so the numbers are those of plain autocast. Weights
+    in ``keep`` (those an editor trains) stay float32."""
+    if dtype is None:
+        yield
+        return
+    target = AUTOCAST_DTYPES[dtype]
+    skip = {id(t) for t in keep}
+    saved: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+    try:
+        for root in modules:
+            for mod in root.modules():
+                w = getattr(mod, "weight", None)
+                if isinstance(mod, nn.Linear) and isinstance(w, nn.Parameter) and w.dtype == torch.float32 \
+                        and id(w) not in skip and id(w) not in saved:
+                    saved[id(w)] = (w, w.data)
+                    w.data = w.data.to(target)
+        yield
+    finally:
+        for w, data in saved.values():
+            w.data = data
+
+
+@contextlib.contextmanager
+def mixed_precision(model: nn.Module, arch: ArchSpec, first_layer: int, dtype: str | None,
+                    keep: Iterable[torch.Tensor] = ()) -> Iterator[None]:
+    """An editor's optimisation loop over the layers ``first_layer..`` (negative: from the
+    end) and the LM head in
+    ``dtype`` (:func:`editbench.models.autocast_context` with :func:`low_precision_linears`
+    copies of those layers' weights); ``None``: full precision, nothing changes. Losses are
+    computed from ``logits.float()``; whatever the editor optimises stays float32."""
+    if dtype is None:
+        yield
+        return
+    start = first_layer + arch.n_layers if first_layer < 0 else first_layer
+    layers = [arch.module(model, "layer", i) for i in range(start, arch.n_layers)]
+    head = model.get_output_embeddings()
+    # no autocast cache: the loop steps the weights it trains, whose casts must be fresh each step
+    with low_precision_linears([*layers, head], dtype, keep), \
+            autocast_context(next(model.parameters()).device, dtype, cache=False):
+        yield
+
+
+def check_autocast(editor: str, value: str | None) -> None:
+    """An editor's ``autocast`` setting must be null or a dtype of :data:`AUTOCAST_DTYPES`."""
+    if value is not None and value not in AUTOCAST_DTYPES:
+        raise ValueError(f"editor '{editor}': autocast must be null or one of {', '.join(AUTOCAST_DTYPES)}, "
+                         f"got '{value}'")
