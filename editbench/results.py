@@ -139,20 +139,51 @@ class RunDir:
     def set_aside_invalid(self) -> list[Path]:
         """Move every chunk file that is not a valid record (truncated, not JSON, edited by hand:
         its checksum does not match) to ``chunks/invalid/``, with a warning naming it, so that it
-        is recomputed and never read as results. Call under the lock."""
+        is recomputed and never read as results; then the same for a ``summary.csv`` or
+        ``cases.csv`` that does not match the valid records (:meth:`tables_mismatch`), moved to
+        ``invalid/`` (the run rebuilds both from the records). Call under the lock."""
         moved = []
-        if not self.chunks.is_dir():
-            return moved
-        for path in sorted(self.chunks.glob("T*-c*.json")):
-            try:
-                _read_record(path)
-            except ValueError as err:
-                target = self.chunks / "invalid" / f"{path.name}.{int(time.time())}"
-                target.parent.mkdir(exist_ok=True)
-                os.replace(path, target)
-                log.warning("%s; moved to %s, the chunk is recomputed", err, target)
-                moved.append(target)
+        if self.chunks.is_dir():
+            for path in sorted(self.chunks.glob("T*-c*.json")):
+                try:
+                    _read_record(path)
+                except ValueError as err:
+                    target = self.chunks / "invalid" / f"{path.name}.{int(time.time())}"
+                    target.parent.mkdir(exist_ok=True)
+                    os.replace(path, target)
+                    log.warning("%s; moved to %s, the chunk is recomputed", err, target)
+                    moved.append(target)
+        for name, why in self.tables_mismatch().items():
+            target = self.path / "invalid" / f"{name}.{int(time.time())}"
+            target.parent.mkdir(exist_ok=True)
+            os.replace(self.path / name, target)
+            log.warning("%s does not match the chunk records (%s: edited or damaged, or left by an interrupted "
+                        "run); moved to %s, it is rebuilt from the records", self.path / name, why, target)
+            moved.append(target)
         return moved
+
+    def tables_mismatch(self) -> dict[str, str]:
+        """``summary.csv`` / ``cases.csv`` (those present) that differ from what the valid chunk
+        records give (:func:`summary_table`, :func:`cases_table`, with the identifying columns of
+        the file's own first row), each with the first difference. ``stale_chunks`` rows are
+        left out: they depend on the code of the run that wrote them, not on the records."""
+        chunks = []
+        if self.chunks.is_dir():
+            for path in sorted(self.chunks.glob("T*-c*.json")):
+                try:
+                    chunks.append(_read_record(path))
+                except ValueError:
+                    pass
+        out = {}
+        for name, build in (("summary.csv", lambda meta: with_judge(summary_table(chunks, meta), chunks)),
+                            ("cases.csv", lambda meta: cases_table(chunks, meta))):
+            path = self.path / name
+            if not path.is_file():
+                continue
+            why = _table_difference(path, build)
+            if why:
+                out[name] = why
+        return out
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -227,6 +258,37 @@ def _read_record(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         raise ValueError(f"{path} is not a valid chunk record ({err}); delete it to recompute that chunk") from None
     return record
+
+
+def _table_difference(path: Path, build) -> str | None:
+    """How the CSV table at ``path`` differs from ``build(meta)`` (None: it does not)."""
+    import io
+
+    try:
+        have = pd.read_csv(path)
+    except Exception as err:  # noqa: BLE001 - unreadable is a difference
+        return f"unreadable: {type(err).__name__}"
+    meta_cols = ["editor", "model", "data", "split"]
+    if have.empty or not set(meta_cols) <= set(have.columns):
+        meta = {c: "" for c in meta_cols}
+    else:
+        meta = {c: str(have[c].iloc[0]) for c in meta_cols}
+    want = pd.read_csv(io.StringIO(build(meta).to_csv(index=False)))
+    if "metric" in have.columns and "metric" in want.columns and path.name == "summary.csv":
+        have = have[have["metric"] != "stale_chunks"].reset_index(drop=True)
+        want = want[want["metric"] != "stale_chunks"].reset_index(drop=True)
+    if list(have.columns) != list(want.columns):
+        return f"columns {list(have.columns)} instead of {list(want.columns)}"
+    if len(have) != len(want):
+        return f"{len(have)} rows instead of {len(want)}"
+    for col in have.columns:
+        a, b = have[col], want[col]
+        same = (a == b) | (a.isna() & b.isna())
+        if not same.all():
+            row = int((~same).to_numpy().nonzero()[0][0])
+            got, wanted = (getattr(x, "item", lambda x=x: x)() for x in (a.iloc[row], b.iloc[row]))
+            return f"line {row + 2}, column {col!r}: {got!r} instead of {wanted!r}"
+    return None
 
 
 def _git_commit() -> str | None:

@@ -6,6 +6,9 @@ and real processes (SIGKILL, SIGTERM); nothing is mocked.
 from __future__ import annotations
 
 import ast
+import copy
+import functools
+import io
 import json
 import os
 import pickle
@@ -454,6 +457,180 @@ def test_sigterm_then_sigkill_then_resume_loses_nothing_and_computes_no_chunk_tw
     pick = lambda s: s[s.metric.isin(QUALITY)].reset_index(drop=True)  # noqa: E731
     assert len(pick(want)) == len(QUALITY)
     pd.testing.assert_frame_equal(pick(got), pick(want), check_exact=True)
+
+
+def test_a_second_process_started_on_a_busy_run_folder_is_refused_and_changes_nothing(tmp_path):
+    """Two real processes on one run folder: the first takes the folder's lock and is paused
+    (SIGSTOP: a slow writer) mid-run; the second, the same command, exits 2 at once with one
+    line naming the folder and the holder's pid, and writes nothing there; the first then
+    finishes as if alone."""
+    args = [*RUN_ARGS, f"out_dir={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "editbench", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in first.stdout:   # the lock is held from before the plan until the tables are written
+            lines.append(line)
+            if "chunk(s) planned" in line:
+                break
+        first.send_signal(signal.SIGSTOP)
+        [folder] = [q for q in tmp_path.iterdir() if q.is_dir()]
+        before = _chunk_stamps(tmp_path)
+        second = subprocess.run([sys.executable, "-m", "editbench", *args], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert (second.stdout + second.stderr).strip() == (
+            f"run folder {folder} is in use by another process (pid {first.pid}); wait for it or use another out_dir")
+        assert _chunk_stamps(tmp_path) == before and not _no_partial_files(tmp_path)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    rest, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, "".join(lines) + rest
+    assert len(_chunk_stamps(tmp_path)) == N_CASES and "Traceback" not in rest
+    assert "WARNING" not in "".join(lines) + rest    # nothing set aside, nothing recomputed
+
+
+def test_a_summary_or_cases_table_that_does_not_match_the_chunks_is_set_aside_and_rebuilt(tmp_path, tiny_llama,
+                                                                                        caplog):
+    """summary.csv / cases.csv are derived from the checksummed chunk records: one edited by hand
+    (or left by an interrupted run) is reported with its path, moved to invalid/ before anything
+    else happens (so nothing reads it as results), and rebuilt from the records."""
+    cfg = _cfg(tmp_path, "editor=none", "runner.steps=[1,2]")
+    path = run(cfg, cases=toy_cases(4), lm=tiny_llama)
+    want_summary, want_cases = (path / "summary.csv").read_text(), (path / "cases.csv").read_text()
+    assert RunDir(path).tables_mismatch() == {}
+    summary = pd.read_csv(path / "summary.csv")
+    row = summary.index[(summary.metric == "locality") & (summary["T"] == 1)][0]
+    summary.loc[row, "mean"] = 0.999   # a hand edit of one number
+    summary.to_csv(path / "summary.csv", index=False)
+    cases = (path / "cases.csv").read_text().splitlines()
+    (path / "cases.csv").write_text("\n".join(cases[:-3]) + "\n")   # a truncated copy
+    found = RunDir(path).tables_mismatch()
+    assert found["summary.csv"] == f"line {row + 2}, column 'mean': 0.999 instead of {want_mean(want_summary, row)!r}"
+    assert found["cases.csv"].endswith(f"instead of {len(cases) - 1}") and "rows" in found["cases.csv"]
+    with caplog.at_level("WARNING", logger="editbench.results"):
+        RunDir(path).set_aside_invalid()
+    for name in ("summary.csv", "cases.csv"):
+        assert f"{path / name} does not match the chunk records" in caplog.text
+        assert not (path / name).exists()   # never left where a report would read it
+    assert sorted(p.name.split(".csv")[0] for p in (path / "invalid").iterdir()) == ["cases", "summary"]
+    run(cfg, cases=toy_cases(4), lm=tiny_llama)   # resumes: nothing to compute, tables rebuilt
+    assert (path / "cases.csv").read_text() == want_cases
+    got, want = (pd.read_csv(io.StringIO(t)) for t in ((path / "summary.csv").read_text(), want_summary))
+    quality = ~want.metric.isin(NONDETERMINISTIC_METRICS)
+    pd.testing.assert_frame_equal(got[quality], want[quality])
+
+
+def want_mean(summary_text: str, row: int) -> float:
+    return float(pd.read_csv(io.StringIO(summary_text)).loc[row, "mean"])
+
+
+# --------------------------------------------------------------------------- one run folder per config
+#: keys that do not change a run's numbers: they must keep its folder (so a rerun resumes)
+NOT_RESULT = {"runner.steps": "adds or drops T; each T's chunks are its own",
+              "runner.progress": "display", "runner.reuse_stale": "decides reuse, not results",
+              "out_dir": "where the folder goes", "tracking.tensorboard": "logging", "tracking.dir": "logging",
+              "model.description": "a comment", "general.cache": "where the unedited scores are kept",
+              **{f"eval.{k}": "WILD settings, unused under eval.mode=teacher_forced" for k in
+                 ("wild_context", "wild_budget_factor", "wild_budget_extra", "wild_max_new_tokens", "wild_batch_size",
+                  "wild_stop", "judge")},
+              **{f"general.{k}": "lm-eval settings, unused under general.backend=builtin" for k in
+                 ("lm_eval_tasks", "lm_eval_include", "lm_eval_limit", "lm_eval_num_fewshot")}}
+#: of those, the ones editbench.plan.run_id still hashes (a needless new folder, never a mix):
+#: known gaps, fixed in plan.run_id by its owner; strict xfail, so the fix turns them into failures to remove
+FORKS_ANYWAY = {"tracking.tensorboard", "tracking.dir", "model.description", "general.cache", "general.lm_eval_tasks",
+                "general.lm_eval_include", "general.lm_eval_limit", "general.lm_eval_num_fewshot"}
+#: the sweep's base: general ability on (one task), so that its keys are live
+BASE = ("model=tiny-llama", "editor=ft", "data=cf", "general.tasks=[mmlu]")
+
+
+@functools.lru_cache(maxsize=None)
+def _base_cfg():
+    return compose_cfg(*BASE)
+
+
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _other(value):
+    """A different value of the same kind (run_id does not validate)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2 + 0.01
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, list):
+        return value + (value[-1:] if value else ["csqa"])
+    return "x" if value is None else None
+
+
+def _run_id_with(cfg, key, value):
+    from omegaconf import OmegaConf
+
+    from editbench.plan import run_id
+
+    changed = copy.deepcopy(cfg)
+    OmegaConf.update(changed, key, value, merge=False)
+    return run_id(changed)
+
+
+def _sweep():
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.to_container(_base_cfg(), resolve=False)
+    keys = [k for k, _ in _leaves(base) if k not in ("run_id", "data_root")]   # data_root: see below
+    params = []
+    for key in keys:
+        marks = [pytest.mark.xfail(strict=True, reason=f"editbench.plan.run_id hashes {key} ({NOT_RESULT[key]})")] \
+            if key in FORKS_ANYWAY else []
+        params.append(pytest.param(key, marks=marks, id=key))
+    return params
+
+
+@pytest.mark.parametrize("key", _sweep())
+def test_every_setting_that_changes_results_forks_the_run_folder_and_no_other_does(key):
+    """Each leaf key of the composed config, changed alone: a new run folder exactly when the
+    change can change a number (so a rerun with another config never mixes into a finished run,
+    and a rerun that only changes, e.g., the progress display resumes it)."""
+    from omegaconf import OmegaConf
+
+    from editbench.plan import run_id
+
+    cfg = _base_cfg()
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, (list, dict)) or OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    forks = _run_id_with(cfg, key, _other(value)) != run_id(cfg)
+    assert forks == (key not in NOT_RESULT), f"{key}={value!r} -> {_other(value)!r}: new folder {forks}"
+
+
+@pytest.mark.parametrize("editor", sorted(p.stem for p in (ROOT / "conf" / "editor").glob("*.yaml")))
+def test_every_hyperparameter_of_every_editor_forks_the_run_folder(editor):
+    from omegaconf import OmegaConf
+
+    from editbench.plan import run_id
+
+    cfg = compose_cfg("model=tiny-llama", f"editor={editor}", "data=cf")
+    base = run_id(cfg)
+    same = [k for k, v in _leaves(OmegaConf.to_container(cfg.editor, resolve=True), "editor.")
+            if _run_id_with(cfg, k, _other(v)) == base]
+    assert not same, f"changing {same} keeps the run folder of editor={editor}"
+
+
+def test_data_root_forks_the_run_folder_through_the_data_path_it_resolves():
+    """data_root names where the files are: another root is other files, so another folder."""
+    from editbench.plan import run_id
+
+    assert run_id(compose_cfg(*BASE, "data_root=/elsewhere")) != run_id(_base_cfg())
 
 
 # --------------------------------------------------------------------------- command line errors

@@ -160,7 +160,10 @@ def metric_rows(results: Mapping[str, Mapping[str, Any]], suffix: str = "") -> d
 class LmEvalSuite:
     """The lm-eval tasks of a ``general`` config, the unedited scores, and :meth:`measure`."""
 
-    def __init__(self, gcfg: Mapping[str, Any], lm, fingerprint: str, padding_side: str = "right"):
+    def __init__(self, gcfg: Mapping[str, Any], lm, fingerprint: str, padding_side: str = "right",
+                 unedited: bool = True):
+        """``unedited=False`` skips the unedited evaluation (``self.unedited`` stays empty): for
+        callers that only want :meth:`run` (benchmarks/lm_eval_mmlu.py)."""
         _lm_base()
         self.cfg = dict(gcfg)
         self.tasks = [str(t) for t in self.cfg.get("lm_eval_tasks") or []]
@@ -183,6 +186,9 @@ class LmEvalSuite:
                           batch_tokens=int(self.cfg.get("batch_tokens", 4096)),
                           max_batch=int(self.cfg.get("batch_size") or 32), padding_side=padding_side)
         self._manager = None
+        self.unedited: dict[str, float] = {}
+        if not unedited:
+            return
         key = repr((fingerprint, self.tasks, self.limit, self.num_fewshot, self.include, self.seed, self.lm_kw))
         if key not in _UNEDITED:
             t0 = time.perf_counter()
@@ -200,13 +206,19 @@ class LmEvalSuite:
 
     def evaluate(self, logits_fn: LogitsFn, device: torch.device | str = "cpu") -> dict[str, dict[str, Any]]:
         """lm-eval's per-task results of ``logits_fn`` (``simple_evaluate(...)["results"]``)."""
+        return {t: r for t, r in self.run(logits_fn, device)["results"].items()}
+
+    def run(self, logits_fn: LogitsFn, device: torch.device | str = "cpu", log_samples: bool = False
+            ) -> dict[str, Any]:
+        """``lm_eval.simple_evaluate`` of ``logits_fn`` on the tasks, as configured; its whole
+        output (``results``, and with ``log_samples`` the per-document ``samples``)."""
         import lm_eval
 
         model = editor_lm(logits_fn, self.tok, device=device, **self.lm_kw)
         try:
             res = lm_eval.simple_evaluate(model=model, tasks=list(self.tasks), limit=self.limit,
                                           num_fewshot=self.num_fewshot, task_manager=self.task_manager(),
-                                          bootstrap_iters=0, log_samples=False, random_seed=self.seed,
+                                          bootstrap_iters=0, log_samples=log_samples, random_seed=self.seed,
                                           numpy_random_seed=self.seed, torch_random_seed=self.seed,
                                           fewshot_random_seed=self.seed, verbosity="ERROR")
         except KeyError as err:  # an unknown task name
@@ -214,7 +226,7 @@ class LmEvalSuite:
                              f"(general.lm_eval_include={self.include!r})") from None
         if res is None:
             raise RuntimeError("lm_eval.simple_evaluate returned no results")
-        return {t: r for t, r in res["results"].items()}
+        return res
 
     def measure(self, logits_fn: LogitsFn, device: torch.device | str = "cpu") -> dict[str, float]:
         """The edited scores (through ``logits_fn``) beside the unedited ones."""
