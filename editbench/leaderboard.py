@@ -45,13 +45,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from editbench import plan
-from editbench.results import (NONDETERMINISTIC_METRICS, RunDir, atomic_save_figure, atomic_write_csv,
+from editbench.results import (RunDir, atomic_save_figure, atomic_write_csv,
                                atomic_write_text, record_checksum, run_meta, summary_table)
 
 log = logging.getLogger("editbench.leaderboard")
@@ -325,23 +324,54 @@ def write_failures(out: Path, failures: dict[str, str]) -> None:
     atomic_write_text(failures_path(out), json.dumps(dict(sorted(failures.items())), indent=1) + "\n")
 
 
+def _run_logged(survey: Survey, args: list[str], log_file: Path, title: str) -> tuple[int, str]:
+    """Run ``python <args>`` from the project root with ``grid.threads`` threads, appending its
+    output to ``log_file``; (exit status, the log's last line)."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    threads = str(survey.grid.threads)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    with open(log_file, "a", encoding="utf-8") as fh:
+        fh.write(f"\n### {time.strftime('%Y-%m-%d %H:%M:%S')} {title}\n")
+        fh.flush()
+        proc = subprocess.run([sys.executable, *args], cwd=str(ROOT), env=env, stdout=fh, stderr=subprocess.STDOUT)
+    lines = [ln for ln in log_file.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    return proc.returncode, (lines[-1] if lines else "") + f" (log: {log_file})"
+
+
 def run_one(survey: Survey, state: RunState) -> tuple[int, str]:
     """Compute a run's pending chunks in a child process (``python -m editbench``)."""
     folder = survey.run_dir(state)
     folder.path.mkdir(parents=True, exist_ok=True)
     unpack(state.records, folder)
-    logs = survey.out / "runs" / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    log_file = logs / f"{state.run_id}.log"
-    threads = str(survey.grid.threads)
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    with open(log_file, "a", encoding="utf-8") as fh:
-        fh.write(f"\n### {time.strftime('%Y-%m-%d %H:%M:%S')} {state.run.command()}\n")
-        fh.flush()
-        proc = subprocess.run([sys.executable, "-m", "editbench", *state.run.overrides], cwd=str(ROOT), env=env,
-                              stdout=fh, stderr=subprocess.STDOUT)
-    lines = [ln for ln in log_file.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-    return proc.returncode, (lines[-1] if lines else "") + f" (log: {log_file})"
+    return _run_logged(survey, ["-m", "editbench", *state.run.overrides],
+                       survey.out / "runs" / "logs" / f"{state.run_id}.log", state.run.command())
+
+
+def sweep_args(grid: DictConfig, states: Sequence[RunState]) -> list[str]:
+    """The Hydra multirun that computes ``states`` (runs that differ in the editor only) through
+    ``grid.launcher``: ``-m editor=a,b,... <their other overrides> hydra/launcher=<launcher>``."""
+    rest = [o for o in states[0].run.overrides if not o.startswith("editor=")]
+    launcher = [f"hydra/launcher={grid.launcher}"]
+    if str(grid.launcher) in ("local", "joblib"):
+        launcher.append(f"hydra.launcher.n_jobs={int(grid.jobs)}")
+    return ["-m", "editbench", "-m", "editor=" + ",".join(s.run.editor for s in states), *rest, *launcher,
+            f"hydra.sweep.dir={Path(str(grid.out)).resolve() / 'runs' / 'multirun' / time.strftime('%Y%m%d-%H%M%S')}"]
+
+
+def run_sweep(survey: Survey, states: Sequence[RunState]) -> tuple[int, str]:
+    """Compute the pending chunks of ``states`` as one Hydra multirun (:func:`sweep_args`)."""
+    for state in states:
+        folder = survey.run_dir(state)
+        folder.path.mkdir(parents=True, exist_ok=True)
+        unpack(state.records, folder)
+    args = sweep_args(survey.grid, states)
+    title = "python " + " ".join(_quote(a) for a in args)
+    return _run_logged(survey, args, survey.out / "runs" / "logs" / f"sweep-{states[0].run_id}.log", title)
+
+
+def _sweep_key(state: RunState) -> tuple[str, ...]:
+    """Runs with equal keys differ in the editor only, so one multirun computes them."""
+    return tuple(o for o in state.run.overrides if not o.startswith("editor="))
 
 
 def affordable(survey: Survey, state: RunState) -> tuple[bool, float | None]:
@@ -355,31 +385,48 @@ def affordable(survey: Survey, state: RunState) -> tuple[bool, float | None]:
 
 
 def run_grid(grid: DictConfig, progress: bool = True) -> Survey:
-    """Compute every pending run of the grid (small groups first, then affordable large ones),
-    ``grid.jobs`` at a time; pack each run's records as soon as it ends."""
+    """Compute every pending run of the grid (small groups first, then affordable large ones)
+    and pack each run's records as soon as it ends.
+
+    Without ``grid.launcher`` each run is one ``python -m editbench`` process, ``grid.jobs`` at
+    a time. With a Hydra launcher (``local``/``joblib``, ``submitit_local``, ``slurm``) the runs
+    that differ in the editor only go together into one ``python -m editbench -m`` multirun that
+    the launcher dispatches (``grid.jobs`` workers for joblib), one multirun at a time."""
     survey = Survey(grid)
     failures = read_failures(survey.out)
+    launcher = grid.get("launcher")
     todo = [s for s in survey.states.values() if s.pending() and all(n for n in s.planned.values())]
     waiting = [s for s in todo if s.run.estimate_from is not None]
     ready = [s for s in todo if s.run.estimate_from is None]
     ready.sort(key=survey.prior_s)
     total_cells = sum(1 for s in todo for T, n in s.planned.items() if n and s.status(T) != DONE)
     bar = tqdm(total=total_cells, desc="leaderboard cells", unit="cell", disable=not progress, dynamic_ncols=True)
-    running: dict[Future, RunState] = {}
+    running: dict[Future, list[RunState]] = {}
+    shown: dict[str, int] = {}   # run key -> cells counted done on the bar
+
+    def in_flight() -> list[RunState]:
+        return [s for unit in running.values() for s in unit]
 
     def left_s() -> float:
-        queued = list(running.values()) + ready + waiting
+        queued = in_flight() + ready + waiting
         return sum(survey.estimate_s(s) or survey.prior_s(s) for s in queued) / int(grid.jobs)
 
+    def count(s: RunState) -> None:   # cells of a run now done that the bar has not counted
+        done = sum(1 for T in s.planned if s.status(T) == DONE)
+        bar.update(max(0, done - shown.get(s.run.key, 0)))
+        shown[s.run.key] = max(done, shown.get(s.run.key, 0))
+
     def show() -> None:
-        names = ", ".join(f"{s.label} on {s.run.data}/{s.run.group}" for s in running.values())
+        names = ", ".join(f"{s.label} on {s.run.data}/{s.run.group}" for s in in_flight())
         bar.set_postfix_str(f"running: {names or '-'}; est. left {left_s() / 3600:.1f} h")
 
+    for s in todo:
+        shown[s.run.key] = sum(1 for T in s.planned if s.status(T) == DONE)
     try:
-        with ThreadPoolExecutor(max_workers=int(grid.jobs)) as pool:
+        with ThreadPoolExecutor(max_workers=1 if launcher else int(grid.jobs)) as pool:
             while True:
                 # a group estimated from another starts once that one has ended (now or earlier)
-                busy = list(running.values()) + ready
+                busy = in_flight() + ready
                 for w in [w for w in waiting if not any(survey.source(w) is b for b in busy)]:
                     waiting.remove(w)
                     ok, est = affordable(survey, w)
@@ -389,25 +436,31 @@ def run_grid(grid: DictConfig, progress: bool = True) -> Survey:
                         bar.update(sum(1 for T, n in w.planned.items() if n))  # explained, not computed
                         log.info("not run %s: estimate %s CPU-h, budget %s CPU-h", w.run.key,
                                  "unknown" if est is None else f"{est / 3600:.2f}", grid.budget_cpu_h)
-                while ready and len(running) < int(grid.jobs):
-                    s = ready.pop(0)
-                    log.info("start %s: %s", s.run.key, s.run.command())
-                    running[pool.submit(run_one, survey, s)] = s
+                while ready and len(running) < (1 if launcher else int(grid.jobs)):
+                    unit = [s for s in ready if _sweep_key(s) == _sweep_key(ready[0])] if launcher else [ready[0]]
+                    for s in unit:
+                        ready.remove(s)
+                        log.info("start %s: %s", s.run.key, s.run.command())
+                    running[pool.submit(run_sweep, survey, unit) if launcher else
+                            pool.submit(run_one, survey, unit[0])] = unit
                 show()
                 if not running:
                     break
                 done, _ = wait(list(running), timeout=30, return_when=FIRST_COMPLETED)
+                for s in in_flight():   # chunks written meanwhile move the bar
+                    s.records.update(folder_records(survey.run_dir(s)))
+                    count(s)
                 for fut in done:
-                    s = running.pop(fut)
+                    unit = running.pop(fut)
                     rc, last = fut.result()
-                    before = {T: s.status(T) for T in s.planned}
-                    survey.refresh(s)
-                    bar.update(sum(1 for T in s.planned if before[T] != DONE and s.status(T) == DONE))
-                    if rc == 0:
-                        failures.pop(s.run.key, None)
-                    else:
-                        failures[s.run.key] = f"exit {rc}: {last}"
-                        log.warning("%s failed (exit %d): %s", s.run.key, rc, last)
+                    for s in unit:
+                        survey.refresh(s)
+                        count(s)
+                        if rc == 0 or not s.pending():
+                            failures.pop(s.run.key, None)
+                        else:
+                            failures[s.run.key] = f"exit {rc}: {last}"
+                            log.warning("%s failed (exit %d): %s", s.run.key, rc, last)
                     write_failures(survey.out, failures)
     finally:
         bar.close()

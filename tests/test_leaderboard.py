@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from editbench import leaderboard as lb
+from editbench.results import NONDETERMINISTIC_METRICS
 from tests.conftest import ROOT
 
 GRID = {
@@ -146,7 +147,7 @@ def test_a_fresh_clone_resumes_from_the_committed_records_alone(grid_run, tmp_pa
     lb.run_grid(grid, progress=False)
     assert not (clone / "runs" / "logs").exists()  # nothing was computed
     after = pd.read_csv(clone / "summary.csv")
-    quality = ~before.metric.isin(lb.NONDETERMINISTIC_METRICS)
+    quality = ~before.metric.isin(NONDETERMINISTIC_METRICS)
     pd.testing.assert_frame_equal(before[quality].reset_index(drop=True), after[quality].reset_index(drop=True))
 
 
@@ -183,6 +184,23 @@ def test_a_cell_over_budget_is_not_run_and_says_what_it_would_cost(grid_run, tmp
     assert large.note.str.contains(r"CPU-s per case at T=2; est\. [0-9.]+ CPU-h > 0 CPU-h budget").all()
     assert (large.est_cpu_h > 0).all()
     assert check_tables_equal_csv(clone, ["sample"]) > 0
+
+
+def test_through_the_joblib_launcher_the_grid_computes_the_same_numbers(grid_run, tmp_path):
+    """``launcher=local``: the runs that differ in the editor only go into one Hydra multirun
+    dispatched by the joblib launcher (two worker processes); the cells and their numbers are
+    those of the process-per-run grid."""
+    tmp, _ = grid_run
+    path = _grid_file(tmp_path, out=str(tmp_path / "lb"), launcher="local", jobs=2,
+                      groups={"small": GRID["groups"]["small"]})
+    lb.write_report(lb.run_grid(lb.load_grid([], path), progress=False))
+    logs = list((tmp_path / "lb" / "runs" / "logs").glob("sweep-*.log"))
+    assert len(logs) == 1 and "hydra/launcher=local" in logs[0].read_text()   # one multirun for both editors
+    got, want = (pd.read_csv(p / "summary.csv") for p in (tmp_path / "lb", tmp / "lb"))
+    want = want[want["T"].isin([1, 2])]
+    pick = lambda df: df[~df.metric.isin(NONDETERMINISTIC_METRICS)].sort_values(  # noqa: E731
+        ["editor", "T", "metric"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(pick(got), pick(want))
 
 
 def test_bad_grid_settings_fail_with_one_line(tmp_path):

@@ -25,7 +25,7 @@ import torch
 
 from editbench.checkpoints import (CheckpointError, checkpoint_key, load_checkpoint, load_torch_file, read_meta,
                                    save_checkpoint)
-from editbench.models import load_model
+from editbench.models import LoadedModel, load_model
 from editbench.records import DataError, EditCase, EditFailed, EditRequest
 from editbench.registry import EDITORS, register
 from editbench.results import NONDETERMINISTIC_METRICS, RunDir, RunFolderBusy, default_file_mode, record_checksum
@@ -184,9 +184,27 @@ _register("test-nan-logits", NaNLogits)
 
 
 def test_unedited_model_with_nan_logits_stops_the_run(tmp_path, tiny_llama):
+    """The reference pass runs the base model itself (editbench/reference.py): a model whose
+    weights give NaN logits stops the run before any edit."""
+    import copy
+
+    broken = copy.deepcopy(tiny_llama.model)
+    with torch.no_grad():
+        broken.get_output_embeddings().weight[0, 0] = float("nan")
+    lm = LoadedModel(model=broken, tokenizer=tiny_llama.tokenizer, arch=tiny_llama.arch, name=tiny_llama.name)
     with pytest.raises(RuntimeError, match="unedited model gives NaN/Inf logits on case toy0"):
-        run(_cfg(tmp_path, "editor=none", "editor.name=test-nan-logits", "runner.steps=[1]"),
-            cases=toy_cases(1), lm=tiny_llama)
+        run(_cfg(tmp_path, "editor=none", "runner.steps=[1]"), cases=toy_cases(1), lm=lm)
+
+
+def test_an_editor_whose_logits_turn_nan_fails_its_cases_not_the_run(tmp_path, tiny_llama):
+    """An editor that answers with NaN logits (here from the start) is scored on them: its cases
+    are failed, named, and the run goes on."""
+    path = run(_cfg(tmp_path, "editor=none", "editor.name=test-nan-logits", "runner.steps=[1]"),
+               cases=toy_cases(2), lm=tiny_llama)
+    summary = pd.read_csv(path / "summary.csv").set_index("metric")
+    assert summary.loc["failed_cases", "mean"] == 2 and summary.loc["reliability", "mean"] == 0.0
+    cases = pd.read_csv(path / "cases.csv")
+    assert cases.error.fillna("").str.contains("NaN/Inf logits after the edits").any()
 
 
 class Crashing(FT):
