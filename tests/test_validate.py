@@ -164,7 +164,7 @@ BAD: list[tuple[tuple[str, ...], str, str]] = [
 
 
 #: runs each row of BAD through the real entry point, ``python -m editbench <overrides>`` (runpy runs
-#: the package's __main__ exactly as ``-m`` does), in one process so that 130 rows cost one start-up
+#: the package's __main__ exactly as ``-m`` does), in one process so that the whole table costs one start-up
 _CLI_BATCH = r"""
 import contextlib, io, json, runpy, sys
 from hydra.core.global_hydra import GlobalHydra
