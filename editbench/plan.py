@@ -104,7 +104,9 @@ def chunks_of(cases: Sequence[EditCase], T: int) -> tuple[list[list[EditCase]], 
 def run_id(cfg: DictConfig) -> str:
     """``<editor>_<model>_<data>_<hash>``; the hash covers everything that changes results.
 
-    ``runner.steps`` is left out so that adding a T to a finished run reuses its chunks.
+    ``runner.steps`` is left out so that adding a T to a finished run reuses its chunks; so are
+    the keys that cannot change a number (display, logging, caches, a model's description, the
+    lm-eval settings while ``general.backend=builtin``, the WILD settings under teacher forcing).
     """
     if cfg.get("run_id"):
         return str(cfg.run_id)
@@ -115,6 +117,13 @@ def run_id(cfg: DictConfig) -> str:
     keyed.get("runner", {}).pop("steps", None)
     keyed.get("runner", {}).pop("progress", None)
     keyed.get("runner", {}).pop("reuse_stale", None)   # decides reuse, not results
+    keyed.pop("tracking", None)                          # logging
+    keyed.get("model", {}).pop("description", None)      # a comment (the exact name in the tables)
+    general = keyed.get("general") or {}
+    general.pop("cache", None)                           # where the unedited scores are kept
+    if general.get("backend", "builtin") == "builtin":   # the lm-eval settings are unused
+        for key in [k for k in general if k.startswith("lm_eval_")]:
+            general.pop(key)
     keyed_eval(keyed)
     if keyed.get("runner", {}).get("edit_batch_size") is None:   # unset: the ids of runs made before the key
         keyed.get("runner", {}).pop("edit_batch_size", None)

@@ -555,10 +555,9 @@ NOT_RESULT = {"runner.steps": "adds or drops T; each T's chunks are its own",
                   "wild_stop", "judge")},
               **{f"general.{k}": "lm-eval settings, unused under general.backend=builtin" for k in
                  ("lm_eval_tasks", "lm_eval_include", "lm_eval_limit", "lm_eval_num_fewshot")}}
-#: of those, the ones editbench.plan.run_id still hashes (a needless new folder, never a mix):
-#: known gaps, fixed in plan.run_id by its owner; strict xfail, so the fix turns them into failures to remove
-FORKS_ANYWAY = {"tracking.tensorboard", "tracking.dir", "model.description", "general.cache", "general.lm_eval_tasks",
-                "general.lm_eval_include", "general.lm_eval_limit", "general.lm_eval_num_fewshot"}
+#: of those, the ones editbench.plan.run_id still hashes (a needless new folder, never a mix;
+#: strict xfail, so a fix turns them into failures to remove): none
+FORKS_ANYWAY: set[str] = set()
 #: the sweep's base: general ability on (one task), so that its keys are live
 BASE = ("model=tiny-llama", "editor=ft", "data=cf", "general.tasks=[mmlu]")
 
