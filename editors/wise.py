@@ -22,8 +22,10 @@ Editing of Large Language Models", official code zjunlp/EasyEdit (``easyeditor/m
   ``n_iter`` (70) steps with the official early stop (loss change <= 1e-4 and loss <= 0.02);
   each gradient is multiplied by the shard's random mask (each entry 1 with probability
   ``mask_ratio``, 0.2, drawn at the shard's first edit); after each step ``W'`` is clamped to
-  ``W ± norm_constraint`` (1.0). The edit's activation is the mean template-row ``Δ_in`` at
-  the last forward pass; the shard keeps the minimum over its edits.
+  ``W ± norm_constraint`` (1.0). The edit's activation is the router's score of the edit's
+  own prompt (the row without template) where it decides the first target token, at the last
+  forward pass (official: the mean template-row ``Δ_in`` over all positions); the shard keeps
+  the minimum over its edits.
 * **Router.** At inference the score of a side memory is ``Δ`` averaged over the query's
   tokens (the maximum for queries over 100 tokens, as official); a side memory answers if its
   score reaches ``act_ratio`` (0.88) x its shard's minimum edit activation. With several side
@@ -57,7 +59,9 @@ answered bit for bit by the unedited model.
 
 Deviations (none changes the algorithm):
 * the router's causal prefix mean over real tokens (above) instead of one decision per batch
-  from the mean over every position of the batch (official; its batches hold one query);
+  from the mean over every position of the batch (official; its batches hold one query), and,
+  to match it, the edit's activation (the threshold's base) taken as that router score of the
+  edit's own prompt instead of the mean over the template rows and all their positions;
 * the margin losses and the edit activation average ``Δ`` over real tokens (official: over all
   positions of the padded batch, padding included); the cross entropy is the mean over each
   row's target tokens, then over rows (official divides by a span that also counts a few
@@ -73,7 +77,7 @@ Deviations (none changes the algorithm):
   the subject act-mask branch (official only when the unrelated text is a substring of the
   prompt), ``save_path``/``load_path``.
 
-Defaults: conf/editor/wise.yaml (SmolLM2-135M, chosen on validation data),
+Defaults: conf/editor/wise.yaml (SmolLM2-135M, set by hand, checked on validation data only),
 conf/editor_model/wise/{llama2,gptj}.yaml (official EasyEdit values),
 conf/editor_model/wise/tiny.yaml (the tiny random test models).
 """
