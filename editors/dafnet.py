@@ -119,6 +119,7 @@ class DAFNetParams:
     score_att_dim: int = 256
     score_att_heads: int = 2
     scale_grad: bool = False          # official: the update scales are detached
+    update_scale: str = "attention"   # attention (official: convex update scales) | none (every edit at scale 1)
     edit_lr: float = 1e-4             # official init_edit_lr
     edit_lr_lr: float = 1e-4
     relia_lambda: float = 0.1
@@ -127,9 +128,12 @@ class DAFNetParams:
     max_seq_modeling: int = 1000
     increase_seq_modeling_i: int = 3000
     increase_seq_modeling_pace: float = 0.25
+    max_steps_per_seq_n: int | None = None   # budget: grow after this many steps at one seq_n even without a
+                                             # plateau (null: the official plateau trigger only)
     ema_loss_lambda: float = 0.01
     loss_sample_max_count: int = 48
     chunk_size: int = 32              # rows per forward pass (memory only)
+    val_seq_lens: list[int] = field(default_factory=lambda: [32])   # validation: sequences of these lengths
     cache_hidden: bool = False        # training: keep each row's input to the lowest edited layer (speed)
     init_seed: int = 0
     train: dict = field(default_factory=dict)
@@ -147,6 +151,12 @@ class DAFNetParams:
             problems.append("relia_lambda, gen_lambda and loc_lambda must be >= 0")
         if not 0 < self.ema_loss_lambda <= 1:
             problems.append(f"ema_loss_lambda must be in (0, 1], got {self.ema_loss_lambda}")
+        if self.update_scale not in ("attention", "none"):
+            problems.append(f"update_scale must be attention or none, got '{self.update_scale}'")
+        if not self.val_seq_lens or min(int(n) for n in self.val_seq_lens) < 1:
+            problems.append(f"val_seq_lens must list lengths >= 1, got {list(self.val_seq_lens)}")
+        if self.max_steps_per_seq_n is not None and int(self.max_steps_per_seq_n) < 1:
+            problems.append(f"max_steps_per_seq_n must be >= 1 or null, got {self.max_steps_per_seq_n}")
         if self.increase_seq_modeling_pace < 0:
             problems.append(f"increase_seq_modeling_pace must be >= 0, got {self.increase_seq_modeling_pace}")
         from editbench.train import TRAIN_DEFAULTS
@@ -245,6 +255,7 @@ class DAFNetwork(nn.Module):
         super().__init__()
         self.d_in, self.d_out = d_in, d_out
         self.scale_grad = bool(hp.scale_grad)
+        self.update_scale = str(hp.update_scale)
         self.norm = RunningNorm(d_in + d_out, eps=1e-8)
         self.layers = nn.ModuleList([DAFNetLayer(d_in + d_out, hp, n_modes) for _ in range(hp.n_layers)])
 
@@ -253,7 +264,10 @@ class DAFNetwork(nn.Module):
         """u (L, d_in), delta (L, d_out): the rows of n = len(lens) edits in order; ``past``: per
         layer (P, d) representations of earlier edits (None: none). Returns (u~ (L, d_in),
         delta~ (L, d_out) times each edit's update scale / its row count, past scale (scalar),
-        per layer the (P + n, d) representations to keep)."""
+        per layer the (P + n, d) representations to keep, the update scales (n,)).
+
+        ``update_scale: none`` (the variant ``dafnet[additive]``): every edit enters at scale 1
+        and the past is kept at scale 1 (the shifts add up); the network is otherwise the same."""
         n = int(lens.shape[0])
         d = self.d_in + self.d_out
         seg = torch.repeat_interleave(torch.arange(n, device=u.device), lens.to(u.device))
@@ -269,23 +283,25 @@ class DAFNetwork(nn.Module):
             reps.append(torch.cat([pr.to(rep.dtype), rep]).detach())
         scale = torch.stack(scales).mean(0)
         past_scale = torch.stack(pasts).mean(0)
+        if self.update_scale == "none":
+            scale, past_scale = torch.ones_like(scale), torch.ones_like(past_scale)
         if not self.scale_grad:
             scale, past_scale = scale.detach(), past_scale.detach()
         per_row = (scale / lens.to(scale.device).clamp(min=1).to(scale.dtype))[seg]
         u_t, d_t = x.split([self.d_in, self.d_out], -1)
-        return u_t, d_t * per_row[:, None], past_scale, reps
+        return u_t, d_t * per_row[:, None], past_scale, reps, scale
 
 
 # --------------------------------------------------------------------------- the editor
-#: index of each curriculum value in the ``curriculum`` buffer
-SEQ_N, EMA, MIN_EMA, MIN_EMA_STEP, STEP = range(5)
+#: index of each curriculum value in the ``curriculum`` buffer (GROWN_STEP: the step of the last growth)
+SEQ_N, EMA, MIN_EMA, MIN_EMA_STEP, STEP, GROWN_STEP = range(6)
 
 
 @register("dafnet")
 class DAFNet(HypernetEditor):
     params_cls: ClassVar[type] = DAFNetParams
     supports_batch: ClassVar[bool] = True
-    inference_only: ClassVar[tuple[str, ...]] = ("chunk_size", "cache_hidden")
+    inference_only: ClassVar[tuple[str, ...]] = ("chunk_size", "cache_hidden", "val_seq_lens")
     positions: ClassVar[str] = "all"   # official g_mask: every position with non-zero u and delta
 
     def __init__(self, model, tokenizer, arch, cfg):
@@ -304,7 +320,8 @@ class DAFNet(HypernetEditor):
                                              for shape, (d_in, d_out, n) in modes_per_shape(self.modules).items()})
         self.hyper.edit_lrs = nn.Parameter(torch.full((len(self.modules),),
                                                       self.hp.edit_lr / self.lr_scale(self.hp.edit_lr_lr)))
-        self.hyper.register_buffer("curriculum", torch.tensor([1.0, 1.0, 10.0, 0.0, 0.0], dtype=torch.float64))
+        self.hyper.register_buffer("curriculum", torch.tensor([1.0, 1.0, 10.0, 0.0, 0.0, 0.0],
+                                                                    dtype=torch.float64))
         self.hyper.to(self._net_device()).eval()
 
     # ------------------------------------------------------------------ the shift
@@ -313,14 +330,15 @@ class DAFNet(HypernetEditor):
 
     def transform(self, factors: Sequence[Factors], index: int, past: Sequence[torch.Tensor] | None = None):
         """Module ``self.modules[index]``, the edits ``factors`` in order: (left (T, d_in),
-        right (T, d_out)) with ``dW = right^T left``, the past scale and the representations."""
+        right (T, d_out)) with ``dW = right^T left``, the past scale, the representations and
+        the edits' update scales (n,)."""
         m = self.modules[index]
         dev = self.hyper.edit_lrs.device
         us = [f[m.name][0].to(dev) for f in factors]
         ds = [f[m.name][1].to(dev) for f in factors]
         lens = torch.tensor([u.shape[0] for u in us], device=dev)
-        u_t, d_t, past_scale, reps = self.hyper.nets[m.shape](torch.cat(us), torch.cat(ds), lens, m.mode, past)
-        return u_t, -self.edit_lrs()[index] * d_t, past_scale, reps
+        u_t, d_t, past_scale, reps, scale = self.hyper.nets[m.shape](torch.cat(us), torch.cat(ds), lens, m.mode, past)
+        return u_t, -self.edit_lrs()[index] * d_t, past_scale, reps, scale
 
     def make_shifts(self, factors: Sequence[Factors], groups: Sequence[Sequence[int]]) -> dict[str, Shift]:
         """Group g = the requests ``groups[g]`` edited as one sequence (no earlier edits)."""
@@ -344,13 +362,14 @@ class DAFNet(HypernetEditor):
         current = [p.detach().clone() for p in params]
         new: list[torch.Tensor] = []
         reps: dict[str, list[torch.Tensor]] = {}
-        past_scales = []
+        past_scales, edit_scales = [], []
         try:
             for m, p in zip(self.modules, params):     # the gradient signal comes from the unedited model
                 p.copy_(self._originals[m.weight])
             factors = self.request_factors(requests)
             for i, (m, cur) in enumerate(zip(self.modules, current)):
-                left, right, past_scale, reps[m.name] = self.transform(factors, i, self._reps.get(m.name))
+                left, right, past_scale, reps[m.name], scale = self.transform(factors, i, self._reps.get(m.name))
+                edit_scales.append(scale.float().cpu())
                 w0 = self.arch.weight_out_in(self._originals[m.weight]).float()
                 now = self.arch.weight_out_in(cur).float()
                 w = w0 + float(past_scale) * (now - w0) + (right.T @ left).to(w0.device, torch.float32)
@@ -367,7 +386,10 @@ class DAFNet(HypernetEditor):
             self.arch.weight_out_in(p).copy_(w.to(p.dtype))
             change.append((p.float() - cur.float()).norm())
         self._reps.update(reps)
+        # the update scales (means over the edited modules): what the past shift was multiplied by, and
+        # the scale of the last edit of the call (for one edit: its own share, a)
         return {"shift_norm": float(torch.stack(change).norm()), "past_scale": sum(past_scales) / len(past_scales),
+                "edit_scale": float(torch.stack(edit_scales).mean(0)[-1]),
                 "factor_rows": int(sum(f[self.modules[0].name][0].shape[0] for f in factors))}
 
     def reset(self) -> None:
@@ -421,7 +443,9 @@ class DAFNet(HypernetEditor):
 
     @torch.no_grad()
     def advance_curriculum(self, loss: float) -> None:
-        """The official schedule of the number of sequential edits modelled in a step."""
+        """The official schedule of the number of sequential edits modelled in a step (grow when the
+        loss EMA has made no new minimum for a while), plus, when ``max_steps_per_seq_n`` is set, a
+        growth after that many steps at one ``seq_n`` (a budget: the plateau may not come in time)."""
         c = self.hyper.curriculum
         c[STEP] += 1
         c[EMA] += (loss - c[EMA]) * self.hp.ema_loss_lambda
@@ -429,29 +453,44 @@ class DAFNet(HypernetEditor):
             c[MIN_EMA] = c[EMA]
             c[MIN_EMA_STEP] = c[STEP]
         seq_n = float(c[SEQ_N])
-        if c[STEP] - c[MIN_EMA_STEP] > self.hp.increase_seq_modeling_i / max(1.0, math.log10(seq_n)):
+        plateau = c[STEP] - c[MIN_EMA_STEP] > self.hp.increase_seq_modeling_i / max(1.0, math.log10(seq_n))
+        cap = self.hp.max_steps_per_seq_n
+        if plateau or (cap is not None and c[STEP] - c[GROWN_STEP] >= int(cap)):
             if seq_n < self.hp.max_seq_modeling:
                 grown = seq_n + int(max(seq_n * self.hp.increase_seq_modeling_pace, 10))
                 c[SEQ_N] = min(self.hp.max_seq_modeling, grown)
                 c[EMA] += 0.3
                 c[MIN_EMA] = 10.0
                 c[MIN_EMA_STEP] = c[STEP]
+                c[GROWN_STEP] = c[STEP]
 
     @torch.no_grad()
     def validation_metrics(self, cases: Sequence[EditCase]) -> dict[str, float]:
-        """T=1 figures of :class:`HypernetEditor` (each case edited alone), plus the reliability
-        of each chunk of ``chunk_size`` cases edited as one sequence (``seq_reliability``)."""
+        """T=1 figures of :class:`HypernetEditor` (each case edited alone), plus, for each length L of
+        ``val_seq_lens``, the held-out cases cut into chunks of L edited as ONE sequence (the lifelong
+        form: the same shifts as L one-by-one edits): ``seq{L}_reliability`` (token accuracy on the
+        chunk's requests) and ``seq{L}_locality`` (argmax agreement with the unedited model on its
+        locality probes). ``seq_reliability`` / ``seq_locality``: those of the longest L that fits."""
         out = super().validation_metrics(cases)
         head = self.arch.module(self.model, "lm_head")
-        hits = []
-        for start in range(0, len(cases), self.hp.chunk_size):
-            chunk = list(cases[start:start + self.hp.chunk_size])
-            batches = self._batches(chunk, [REQUEST], cached=True)
-            factors, _ = self._factors(batches, len(chunk))
-            shifts = self.make_shifts(factors, [list(range(len(chunk)))])
-            for b in batches:
-                with shifted(self.model, shifts, torch.zeros_like(b.case)):
-                    hits.append((b.logits_at(head).argmax(-1) == b.rows.target).float())
-        if hits:
-            out["seq_reliability"] = float(torch.cat(hits).mean())
+        lens = sorted({min(int(n), len(cases)) for n in self.hp.val_seq_lens if len(cases) > 0})
+        for length in lens:
+            hits: dict[str, list[torch.Tensor]] = {REQUEST: [], LOCALITY: []}
+            for start in range(0, len(cases) - length + 1, length):
+                chunk = list(cases[start:start + length])
+                batches = self._batches(chunk, [REQUEST, LOCALITY], cached=True)
+                factors, refs = self._factors(batches, len(chunk))
+                shifts = self.make_shifts(factors, [list(range(len(chunk)))])
+                for b, ref in zip(batches, refs):
+                    with shifted(self.model, shifts, torch.zeros_like(b.case)):
+                        arg = b.logits_at(head).argmax(-1)
+                    want = ref.argmax(-1) if ref is not None else b.rows.target
+                    hits[b.kind[0]].append((arg == want).float())
+            for kind, name in ((REQUEST, "reliability"), (LOCALITY, "locality")):
+                if hits[kind]:
+                    out[f"seq{length}_{name}"] = float(torch.cat(hits[kind]).mean())
+        if lens:
+            for name in ("reliability", "locality"):
+                if f"seq{lens[-1]}_{name}" in out:
+                    out[f"seq_{name}"] = out[f"seq{lens[-1]}_{name}"]
         return out

@@ -84,6 +84,12 @@ def test_curriculum_grows_the_number_of_modelled_edits(tiny_llama):
     for _ in range(4):                       # flat loss: no new minimum for more than 3 steps
         editor.advance_curriculum(5.0)
     assert int(c[SEQ_N]) == 4                # 1 + max(0.25, 10) capped at max_seq_modeling
+    # the budget cap: growth after max_steps_per_seq_n steps at one level, even while the loss improves
+    capped = _editor(tiny_llama, "editor.max_seq_modeling=4", "editor.increase_seq_modeling_i=1000",
+                     "editor.train.batch_size=4", "editor.max_steps_per_seq_n=3")
+    for k in range(6):
+        capped.advance_curriculum(1.0 - 0.1 * k)      # a new minimum every step
+        assert int(capped.hyper.curriculum[SEQ_N]) == (1 if k < 2 else 4)
     # a training step edits between 1 and seq_n of the batch's cases
     editor.trainable().train()
     seen = set()
@@ -116,7 +122,7 @@ def test_inter_editing_attention_is_causal_and_intra_attention_per_edit(tiny_lla
         first_two = editor.transform(factors[:2], 0)
         three = editor.transform(factors, 0)
         # the same sequence, the third edit given the first two as stored representations
-        _, _, _, reps = editor.transform(factors[:2], 0)
+        _, _, _, reps, _ = editor.transform(factors[:2], 0)
         third_lifelong = editor.transform(factors[2:], 0, reps)
     n0 = factors[0][editor.modules[0].name][0].shape[0]
     n01 = n0 + factors[1][editor.modules[0].name][0].shape[0]
@@ -161,7 +167,7 @@ def test_lifelong_edit_is_past_scale_times_old_shift_plus_new_shift_from_the_une
     editor.edit(r2)
     with torch.no_grad():
         for i, m in enumerate(editor.modules):
-            left, right, past_scale, _ = editor.transform(factors2, i, reps[m.name])
+            left, right, past_scale, _, _ = editor.transform(factors2, i, reps[m.name])
             want = w0[m.weight] + float(past_scale) * (w1[m.weight] - w0[m.weight]) + right.T @ left
             got = arch.weight_out_in(model.get_parameter(m.weight))
             assert torch.allclose(got, want, atol=1e-6), m.name
@@ -179,12 +185,67 @@ def test_batch_edit_is_one_sequence(tiny_gptj):
     editor.edit_batch(reqs)
     with torch.no_grad():
         for i, m in enumerate(editor.modules):
-            left, right, _, reps = editor.transform(factors, i)
+            left, right, _, reps, _ = editor.transform(factors, i)
             got = arch.weight_out_in(model.get_parameter(m.weight))
             assert torch.allclose(got, w0[m.weight] + right.T @ left, atol=1e-6)
             assert editor._reps[m.name][0].shape[0] == 3
     editor.reset()
     assert all(torch.equal(arch.weight_out_in(model.get_parameter(n)), w) for n, w in w0.items())
+
+
+def test_official_lifelong_edits_share_one_unit_of_scale(tiny_llama):
+    """The cause of the fade (docs/editors-hypernet.md): with the official update scales, the
+    effective weights of k lifelong edits, ``a_i * prod_{i<j<=k} past_j``, always sum to 1, so on
+    average each edit keeps 1/k of its own shift; with the score attention at its initial weights
+    (it is never trained: detached) a_k is close to 1/k."""
+    editor = _editor(tiny_llama)
+    _train(editor, toy_cases(6)[4:], 2)
+    own, past = [], []
+    for c in toy_cases(4):
+        info = editor.edit(c.request)
+        own.append(info["edit_scale"])
+        past.append(info["past_scale"])
+    weights = [own[i] * float(torch.tensor(past[i + 1:]).prod()) for i in range(4)]
+    assert own[0] == 1.0 and past[0] == 0.0
+    assert abs(sum(weights) - 1) < 1e-3, weights
+    assert all(abs(own[k] * (k + 1) - 1) < 0.2 for k in range(4)), own
+    editor.reset()
+
+
+def test_additive_variant_keeps_every_shift_at_full_scale(tiny_llama):
+    """dafnet[additive] (update_scale: none): every edit enters at scale 1 and the earlier shift
+    is kept, so two lifelong edits give W0 + (W1 - W0) + dW2, dW2 from the unedited model."""
+    editor = _editor(tiny_llama, "editor.update_scale=none")
+    _train(editor, toy_cases(6)[2:], 3)
+    model, arch = tiny_llama.model, tiny_llama.arch
+    r1, r2 = [c.request for c in toy_cases(2)]
+    w0 = {m.weight: arch.weight_out_in(model.get_parameter(m.weight)).detach().clone() for m in editor.modules}
+    factors2 = editor.request_factors([r2])
+    info1 = editor.edit(r1)
+    w1 = {n: arch.weight_out_in(model.get_parameter(n)).detach().clone() for n in w0}
+    reps = {m.name: list(editor._reps[m.name]) for m in editor.modules}
+    info2 = editor.edit(r2)
+    assert info1["edit_scale"] == info2["edit_scale"] == info2["past_scale"] == 1.0
+    with torch.no_grad():
+        for i, m in enumerate(editor.modules):
+            left, right, past_scale, _, scale = editor.transform(factors2, i, reps[m.name])
+            assert float(past_scale) == 1.0 and scale.tolist() == [1.0]
+            got = arch.weight_out_in(model.get_parameter(m.weight))
+            assert torch.allclose(got, w1[m.weight] + right.T @ left, atol=1e-6), m.name
+    editor.reset()
+    assert all(torch.equal(arch.weight_out_in(model.get_parameter(n)), w) for n, w in w0.items())
+
+
+def test_sequence_validation_reports_each_length(tiny_llama):
+    """val_seq_lens: the held-out cases edited as sequences of each length; a sequence of one is
+    the T=1 validation."""
+    editor = _editor(tiny_llama, "editor.val_seq_lens=[1,3]")
+    _train(editor, toy_cases(6)[3:], 2)
+    out = editor.validation_metrics(toy_cases(3))
+    assert {"seq1_reliability", "seq1_locality", "seq3_reliability", "seq3_locality"} <= set(out)
+    assert out["seq1_reliability"] == pytest.approx(out["reliability"], abs=1e-6)
+    assert out["seq1_locality"] == pytest.approx(out["locality"], abs=1e-6)
+    assert out["seq_reliability"] == out["seq3_reliability"]
 
 
 # --------------------------------------------------------------------------- configuration
@@ -199,17 +260,37 @@ def test_bad_configuration_fails_with_a_clear_message(tiny_llama):
         _editor(tiny_llama, "editor.n_layers=0")
     with pytest.raises(ValueError, match="out of range"):
         _editor(tiny_llama, "editor.layers=[7]")
+    with pytest.raises(ValueError, match="update_scale must be attention or none"):
+        _editor(tiny_llama, "editor.update_scale=uniform")
 
 
 def test_official_configs_compose():
     llama = compose_cfg("model=llama2", "editor=dafnet").editor
     assert llama.layers == [29, 30, 31] and llama.inner_att_dim == 1024 and llama.max_seq_modeling == 1000
     assert llama.loss_sample_max_count == 48 and llama.train.lr == 1e-6 and llama.train.batch_size >= 1000
+    assert llama.max_steps_per_seq_n is None and llama.update_scale == "attention"
     gptj = compose_cfg("model=gptj", "editor=dafnet").editor
     assert gptj.modules == ["mlp_in", "mlp_out"] and gptj.layers == [25, 26, 27]
     assert gptj.loss_sample_max_count == 64
     small = compose_cfg("model=smollm2", "editor=dafnet").editor
     assert small.max_seq_modeling <= small.train.batch_size and small.train.steps > 0
+    assert small.max_seq_modeling >= 100 and small.update_scale == "attention"     # issue #20's curriculum
+    assert (small.relia_lambda, small.gen_lambda, small.loc_lambda) == (0.1, 0.1, 0.2)  # official
+
+
+def test_additive_variant_is_dafnet_with_one_setting_changed():
+    from editbench.results import editor_label
+
+    for model in ("smollm2", "llama2", "gptj", "tiny-llama"):
+        base = compose_cfg(f"model={model}", "editor=dafnet").editor
+        variant = compose_cfg(f"model={model}", "editor=dafnet_additive").editor
+        assert editor_label(variant) == "dafnet[additive]" and editor_label(base) == "dafnet"
+        assert variant.update_scale == "none"
+        # SmolLM2 (and the tiny test models, which inherit its file): the variant's locality weight was
+        # chosen on validation for it; the official models keep the official weights
+        differ = ("update_scale", "variant") + (() if model in ("llama2", "gptj") else ("loc_lambda",))
+        same = {k: v for k, v in base.items() if k not in differ}
+        assert {k: v for k, v in variant.items() if k not in differ} == same
 
 
 # --------------------------------------------------------------------------- pipeline
