@@ -27,7 +27,7 @@ Inference phase (always):
   positions are stripped; left or right padding both work, pad positions carry
   meaningless finite values). The official code always inserts the top-k facts
   (``retrieval=always``); ``retrieval=threshold`` inserts only facts whose similarity is at
-  least ``sim_threshold`` (not in the paper; the SmolLM2 default, see below). Rows that
+  least ``sim_threshold`` (not in the paper; the variant ``lte[threshold]``). Rows that
   get no fact are run through the model as they are (bit-identical to the unedited model).
   With an empty memory the model is run as is (with the adapters when aligned).
 * ``stats()``: ``memory_size``; ``retrieval_rate`` (fraction of queried rows, since the
@@ -71,13 +71,13 @@ model with the own fact inserted, and agreement without facts.
 
 Deviations from the official code, and why:
 
-* Retrieval on SmolLM2 (conf/editor/lte.yaml): ``retrieval=threshold`` with
-  ``sim_threshold=0.6`` instead of the official always-insert, because the unaligned
-  135M model copies whatever fact it is shown (CounterFact, T=100: locality 0.46 with
-  always-insert, 0.93 with the threshold; the alignment that teaches the model to ignore
-  unrelated facts is the paper's answer, but costs more CPU than this default can
-  spend). The official setting is kept in conf/editor_model/lte/{llama2,gptj}.yaml and
-  the tiny test models.
+* None in the default retrieval: ``conf/editor/lte.yaml`` is the paper's LTE, aligned
+  (``align: true``) with the official always-insert retrieval, on every model. The
+  similarity threshold is the named variant ``lte[threshold]`` (``conf/editor/lte_threshold.yaml``;
+  the same trained adapters, its threshold chosen on CounterFact val by
+  ``benchmarks/lte_threshold.py``). Unaligned, the 135M model copies whatever fact it is
+  shown (CounterFact test, T=100, always-insert: locality well below the aligned model's;
+  docs/editors-retrieval.md has the figures).
 * Encoder: all-MiniLM-L6-v2 (offline wheel) by default; the official
   ``multi-qa-mpnet-base-dot-v1`` is ``encoder=multi-qa-mpnet-base-dot-v1`` (CLS pooling,
   online). Similarities are cosine (the official code normalises too).

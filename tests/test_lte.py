@@ -175,6 +175,28 @@ def test_alignment_trains_lora_through_the_pipeline_and_is_cached(tiny_llama, pr
     other = build_editor(compose_cfg("model=tiny-llama", "editor=lte", "editor.align=true", "data=cf",
                                      f"data.train_path={train}", "editor.top_k=2"), tiny_llama)
     assert ensure_trained(cfg, tiny_llama, other) == path
+    # the threshold variant is the same aligned model: it loads this checkpoint, no training of its own
+    variant_cfg = compose_cfg("model=tiny-llama", "editor=lte_threshold", "editor.align=true", "data=cf",
+                              f"data.train_path={train}")
+    variant = build_editor(variant_cfg, tiny_llama)
+    assert variant.hp.retrieval == "threshold"
+    assert ensure_trained(variant_cfg, tiny_llama, variant) == path
+
+
+def test_defaults_are_the_papers_lte_and_the_threshold_is_a_named_variant():
+    """SmolLM2 (and the official models): the aligned model with always-insert retrieval is
+    ``lte``; the similarity threshold is ``lte[threshold]``, otherwise the same config."""
+    from editbench.results import editor_label
+
+    for model in ("smollm2", "llama2", "gptj"):
+        lte = compose_cfg(f"model={model}", "editor=lte").editor
+        variant = compose_cfg(f"model={model}", "editor=lte_threshold").editor
+        assert editor_label(lte) == "lte" and lte.align is True and lte.retrieval == "always" and lte.top_k == 1
+        assert editor_label(variant) == "lte[threshold]" and variant.retrieval == "threshold"
+        rest = ("variant", "retrieval")
+        assert {k: v for k, v in variant.items() if k not in rest} == {k: v for k, v in lte.items() if k not in rest}
+    tiny = compose_cfg("model=tiny-llama", "editor=lte_threshold").editor
+    assert tiny.retrieval == "threshold" and tiny.align is False
 
 
 def test_runner_trains_aligned_lte_and_reports_stats(tiny_llama, private_cache, tmp_path):
@@ -196,12 +218,12 @@ def test_runner_trains_aligned_lte_and_reports_stats(tiny_llama, private_cache, 
 # --------------------------------------------------------------------------- real model
 @pytest.mark.real
 def test_edits_take_effect_on_smollm2(smollm2):
-    """The SmolLM2 default (similarity threshold): the edit prompts answer target_new; a
-    rephrase that retrieves its fact makes target_new more likely; a prompt that retrieves
-    nothing is scored by the unedited model."""
+    """The unaligned model with the similarity threshold (retrieval of lte[threshold]): the edit
+    prompts answer target_new; a rephrase that retrieves its fact makes target_new more likely; a
+    prompt that retrieves nothing is scored by the unedited model."""
     cases = load_cases("cf", shared("counterfact", "counterfact-edit.json"))[:3]
-    editor = _editor(smollm2)
-    assert editor.hp.retrieval == "threshold"
+    editor = _editor(smollm2, "editor.align=false", "editor.retrieval=threshold", "editor.sim_threshold=0.6")
+    assert editor.hp.retrieval == "threshold" and editor.training is None
     tok = smollm2.tokenizer
     pairs = [(c.request.prompt, c.request.target_new) for c in cases]
     pairs += [(p.prompt, c.request.target_new) for c in cases for _, p in c.probes("generality")]
