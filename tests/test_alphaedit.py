@@ -196,10 +196,12 @@ def test_alphaedit_edits_counterfact_facts_on_smollm2(tmp_path, smollm2):
     from editbench.data import load_cases
 
     cases = load_cases("cf", shared("counterfact", "counterfact-edit.json"))
+    # one batch of 3 (the paper's batched protocol): one value optimisation, one update per layer
     cfg = compose_cfg("model=smollm2", "editor=alphaedit", "data=cf", f"out_dir={tmp_path}", "runner.progress=false",
-                      "runner.steps=[3]", "runner.n_cases=3", "runner.exact_match=false",
+                      "runner.steps=[3]", "runner.n_cases=3", "runner.edit_batch_size=3", "runner.exact_match=false",
                       f"editor.mom2_dataset={shared('corpus', 'wiki_paragraphs.txt')}",
                       "editor.mom2_n_samples=200", "editor.mom2_max_length=128", "editor.mom2_progress=false")
     path = run(cfg, cases=cases, lm=smollm2)
     s = pd.read_csv(path / "summary.csv").set_index("metric")["mean"]
     assert s["reliability"] >= 0.8 and s["locality"] >= 0.8 and s["unedited/reliability"] < 0.5, s
+    assert s["editor/prev_keys"] == 3
