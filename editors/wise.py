@@ -77,7 +77,8 @@ Deviations (none changes the algorithm):
   the subject act-mask branch (official only when the unrelated text is a substring of the
   prompt), ``save_path``/``load_path``.
 
-Defaults: conf/editor/wise.yaml (SmolLM2-135M, set by hand, checked on validation data only),
+Defaults: conf/editor/wise.yaml (SmolLM2-135M: norm_constraint, act_margin and act_ratio chosen on
+CounterFact validation cases only, the rest set by hand; docs/editors-memory.md, "WISE"),
 conf/editor_model/wise/{llama2,gptj}.yaml (official EasyEdit values),
 conf/editor_model/wise/tiny.yaml (the tiny random test models).
 """
