@@ -464,10 +464,16 @@ def run_grid(grid: DictConfig, progress: bool = True) -> Survey:
                     write_failures(survey.out, failures)
     finally:
         bar.close()
-        for s in survey.states.values():
-            if s.records:
-                write_pack(pack_path(survey.out, s.run_id), s.records)
+        pack_records(survey)
     return survey
+
+
+def pack_records(survey: Survey) -> None:
+    """Write every run's records (the committed pack and its work folder's chunks) into its pack,
+    so that chunks written by a run started by hand or by an earlier, interrupted grid are kept."""
+    for s in survey.states.values():
+        if s.records:
+            write_pack(pack_path(survey.out, s.run_id), s.records)
 
 
 # =========================================================================== tables
@@ -756,7 +762,7 @@ def update_readme(survey: Survey, readme: Path = ROOT / "README.md") -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m editbench.leaderboard", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="key=value overrides of conf/leaderboard.yaml")
-    parser.add_argument("--report", action="store_true", help="only rebuild the tables and plots from the records")
+    parser.add_argument("--report", action="store_true", help="compute nothing: pack the finished chunks of every run folder into records/ and rebuild the tables and plots")
     parser.add_argument("--list", action="store_true", help="print every cell's state and command; compute nothing")
     parser.add_argument("--readme", action="store_true", help="also put the headline into README.md")
     parser.add_argument("--grid", type=Path, default=GRID_FILE, help="the grid file (default conf/leaderboard.yaml)")
@@ -771,7 +777,11 @@ def main(argv: list[str] | None = None) -> int:
             with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 80):
                 print(cells[["editor", "data", "T", "status", "chunks_done", "chunks_total", "est_cpu_h", "note"]])
             return 0
-        survey = Survey(grid) if args.report else run_grid(grid)
+        if args.report:
+            survey = Survey(grid)
+            pack_records(survey)
+        else:
+            survey = run_grid(grid)
         out = write_report(survey)
         if args.readme and update_readme(survey):
             print("README.md: headline updated")
