@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks.common import compose_cfg, split_bench_args  # noqa: E402
 from editbench import plan  # noqa: E402
 from editbench.checkpoints import load_checkpoint  # noqa: E402
 from editbench.data import evaluation_cases  # noqa: E402
@@ -49,7 +50,7 @@ from editbench.session import build_editor, prepare_editor  # noqa: E402
 
 import editors  # noqa: E402,F401  (registers the editors)
 
-BENCH = {"n": "100", "checkpoint": "", "out": "/tmp/runs20/fade", "modes": "attention,none", "batch_check": "true",
+BENCH = {"n": 100, "checkpoint": "", "out": "/tmp/runs20/fade", "modes": "attention,none", "batch_check": True,
          "history": "", "labels": ""}
 
 
@@ -69,24 +70,13 @@ def score(source, encoded, pad_id, device):
 
 
 def main(argv: list[str]) -> None:
-    bench = dict(BENCH)
-    hydra_args = []
-    for a in argv:
-        if a.startswith("bench."):
-            k, _, v = a[len("bench."):].partition("=")
-            if k not in bench:
-                raise SystemExit(f"unknown bench key {k!r}; known: {sorted(bench)}")
-            bench[k] = v
-        else:
-            hydra_args.append(a)
+    hydra_args, bench = split_bench_args(argv, BENCH)
     if bench["history"]:
         files = bench["history"].split(",")
         labels = bench["labels"].split(",") if bench["labels"] else [Path(f).parent.name for f in files]
         plot_histories(files, labels, Path(bench["out"]))
         return
-    from hydra import compose, initialize_config_dir
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["editor=dafnet", "model=smollm2", *hydra_args])
+    cfg = compose_cfg(["editor=dafnet", "model=smollm2", *hydra_args])
     out = Path(bench["out"])
     out.mkdir(parents=True, exist_ok=True)
     n = int(bench["n"])
@@ -138,7 +128,7 @@ def main(argv: list[str]) -> None:
                                            "alone_locality": sum(alone_loc) / max(1, len(alone_loc)), "modes": {}}
     marks = checkpoints_up_to(n)
     nets = list(editor.hyper.nets.values())
-    for mode in [m for m in bench["modes"].split(",") if m]:
+    for mode in [m for m in str(bench["modes"]).split(",") if m]:
         for net in nets:
             net.update_scale = mode
         editor.reset()
@@ -182,7 +172,7 @@ def main(argv: list[str]) -> None:
     for net in nets:
         net.update_scale = str(cfg.editor.get("update_scale", "attention"))
 
-    if bench["batch_check"] == "true":      # one sequence through the network == one-by-one edits
+    if bench["batch_check"]:      # one sequence through the network == one-by-one edits
         w0 = {m.weight: lm.model.get_parameter(m.weight).detach().clone() for m in editor.modules}
         for c in cases:
             editor.edit(c.request)

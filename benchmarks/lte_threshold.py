@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import compose_cfg, split_bench_args  # noqa: E402
 from editbench import plan  # noqa: E402
 from editbench.data import evaluation_cases  # noqa: E402
 from editbench.models import load_model  # noqa: E402
@@ -27,19 +28,8 @@ import editors  # noqa: E402,F401  (registers the editors)
 
 
 def main(argv: list[str]) -> None:
-    bench = {"n": "100", "thresholds": "0.4,0.45,0.5,0.55,0.6,0.65,0.7,0.75"}
-    hydra_args = []
-    for a in argv:
-        if a.startswith("bench."):
-            k, _, v = a[len("bench."):].partition("=")
-            if k not in bench:
-                raise SystemExit(f"unknown bench key {k!r}; known: {sorted(bench)}")
-            bench[k] = v
-        else:
-            hydra_args.append(a)
-    from hydra import compose, initialize_config_dir
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["editor=lte", "model=smollm2", *hydra_args])
+    hydra_args, bench = split_bench_args(argv, {"n": 100, "thresholds": "0.4,0.45,0.5,0.55,0.6,0.65,0.7,0.75"})
+    cfg = compose_cfg(["editor=lte", "model=smollm2", *hydra_args])
     cases = plan.select_cases(evaluation_cases(cfg.data), int(bench["n"]), cfg.runner.seed, cfg.runner.shuffle)
     lm = load_model(cfg.model)
     editor = build_editor(cfg, lm)
@@ -55,7 +45,7 @@ def main(argv: list[str]) -> None:
           f"rephrases={len(sims['generality'])} locality prompts={len(sims['locality'])}")
     print("threshold  rephrase_inserted  locality_inserted  J")
     best = None
-    for t in sorted(float(x) for x in bench["thresholds"].split(",")):
+    for t in sorted(float(x) for x in str(bench["thresholds"]).split(",")):
         g = float((sims["generality"] >= t).float().mean())
         l_ = float((sims["locality"] >= t).float().mean())
         j = g - l_

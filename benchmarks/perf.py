@@ -49,6 +49,7 @@ from omegaconf import DictConfig, OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import compose_cfg, split_bench_args  # noqa: E402
 from editbench import plan, runner  # noqa: E402
 from editbench.results import RunDir  # noqa: E402
 from editbench.session import check_compatible, open_session  # noqa: E402
@@ -63,26 +64,6 @@ STATS_EDITORS = ("rome", "memit", "wilke", "rrome")
 
 CSV_FIELDS = ["editor", "model", "T", "figure", "value", "unit", "floor", "ratio", "device", "dtype", "threads",
               "note"]
-
-
-# =========================================================================== configuration
-def split_args(argv: Sequence[str]) -> tuple[list[str], DictConfig]:
-    """(Hydra overrides, bench config) from the command line."""
-    hydra_args = [a for a in argv if not a.lstrip("+").startswith("bench.")]
-    bench_args = [a.lstrip("+")[len("bench."):] for a in argv if a.lstrip("+").startswith("bench.")]
-    bench = OmegaConf.merge(OmegaConf.create(BENCH), OmegaConf.from_dotlist(bench_args))
-    unknown = set(bench) - set(BENCH)
-    if unknown:
-        raise SystemExit(f"unknown bench key(s): {sorted(unknown)}; known: {sorted(BENCH)}")
-    return hydra_args, bench
-
-
-def compose_cfg(overrides: Sequence[str]) -> DictConfig:
-    """The config ``python -m editbench <overrides>`` runs with (same tree, same composition)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 # =========================================================================== the FLOP model
@@ -436,7 +417,7 @@ class Rows:
 
 def run(argv: Sequence[str]) -> dict[str, Any]:
     """Measure; write the CSV and the table; return {"csv", "md", "rows", "shape", "gemm"}."""
-    hydra_args, bench = split_args(argv)
+    hydra_args, bench = split_bench_args(argv, BENCH)
     cfg = compose_cfg(hydra_args)
     check_compatible(cfg)
     from editbench.data import evaluation_cases

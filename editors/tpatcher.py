@@ -114,6 +114,7 @@ from editbench.registry import register
 from editbench.scoring import encode, model_logits, pad_batch
 from editbench.editor import Editor, hparams_from_cfg
 from editors.lib.forward import UpperStack
+from editors.lib.layer_stats import atomic_torch_save
 from editors.lib.precision import check_autocast, mixed_precision
 from editors.lib.swap import ModuleSwap
 
@@ -335,10 +336,7 @@ class TPatcher(Editor):
             log.info("tpatcher: loaded %d memory vectors from %s", len(memory), path)
         else:
             memory = self._collect_memory(texts)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(memory, tmp)
-            tmp.replace(path)
+            atomic_torch_save(memory, path)
             log.info("tpatcher: %d memory vectors from %d texts, cached in %s", len(memory), len(texts), path)
         ffn_device = next(self.model.get_submodule(self.module_name).parameters()).device
         return memory.to(ffn_device, torch.float32)

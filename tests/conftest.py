@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,11 @@ from editbench.records import EditCase, EditRequest, Probe
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# Under pytest-xdist (`-n N`, the README's test command) each worker gets its share of the cores, so
+# N workers do not oversubscribe the machine with N x cores intra-op threads.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def compose_cfg(*overrides: str):

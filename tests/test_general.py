@@ -260,7 +260,7 @@ def test_none_editor_on_smollm2_writes_every_general_row(smollm2, tmp_path):
     root = shared("general")
     cfg = compose_cfg("model=smollm2", "editor=none", f"out_dir={tmp_path}", "runner.progress=false",
                       "runner.steps=[1]", "runner.exact_match=false", f"general.path={root}",
-                      "general.tasks=[csqa,anli,mmlu,squad2]", "general.n=20", "general.cache=false")
+                      "general.tasks=[csqa,anli,mmlu,squad2]", "general.n=10", "general.cache=false")
     path = run(cfg, cases=toy_cases(1), lm=smollm2)
     s = pd.read_csv(path / "summary.csv").set_index("metric")
     for task in TASKS:

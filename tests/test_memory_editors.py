@@ -528,13 +528,15 @@ def test_grace_smollm2_zsre_ten_lifelong_edits(tmp_path, smollm2):
 
 
 @pytest.mark.real
-def test_tpatcher_smollm2_zsre_five_lifelong_edits(tmp_path, smollm2, cache):
+def test_tpatcher_smollm2_zsre_three_lifelong_edits(tmp_path, smollm2, cache):
+    """The official schedule on the real model (each edit trains >= 125 steps: ~35 CPU-s, so three
+    edits keep CI in budget)."""
     train = shared("zsre", "zsre_mend_train.1k.json")
     cfg = compose_cfg("model=smollm2", "editor=tpatcher", "data=zsre", f"data.train_path={train}",
-                      "editor.memory_size=5000", f"out_dir={tmp_path}", "runner.progress=false",
-                      "runner.steps=[5]", "runner.exact_match=false")
-    path = run(cfg, cases=_zsre_cases(5, max_target_tokens=5, tok=smollm2.tokenizer), lm=smollm2)
+                      "editor.memory_size=2000", f"out_dir={tmp_path}", "runner.progress=false",
+                      "runner.steps=[3]", "runner.exact_match=false")
+    path = run(cfg, cases=_zsre_cases(3, max_target_tokens=5, tok=smollm2.tokenizer), lm=smollm2)
     s = pd.read_csv(path / "summary.csv").set_index("metric")
     assert s.loc["reliability", "mean"] >= 0.9
     assert s.loc["locality", "mean"] >= 0.85
-    assert s.loc["editor/patch_neurons", "mean"] >= 5
+    assert s.loc["editor/patch_neurons", "mean"] >= 3

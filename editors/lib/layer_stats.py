@@ -180,7 +180,7 @@ def second_moments_with_provenance(model: nn.Module, tok, arch: ArchSpec, layers
         computed, n_used, count = _compute(model, tok, arch, missing, cfg, template)
         for layer, mom2 in computed.items():
             path = stats_path(fingerprint, arch.name(template, layer), cfg, n_texts, corpus)
-            _atomic_save({"mom2": mom2, "count": count, "corpus": corpus, "n_texts": n_texts,
+            atomic_torch_save({"mom2": mom2, "count": count, "corpus": corpus, "n_texts": n_texts,
                           "texts": n_used, "tokens": count, "requested_samples": cfg.n_samples,
                           "module": arch.name(template, layer)}, path)
             out[layer] = mom2
@@ -294,7 +294,9 @@ def _compute(model: nn.Module, tok, arch: ArchSpec, layers: list[int], cfg: Stat
     return {layer: (acc / count).float().cpu() for layer, acc in sums.items()}, n_used, count
 
 
-def _atomic_save(obj, path: Path) -> None:
+def atomic_torch_save(obj, path: Path) -> None:
+    """``torch.save`` through a unique temporary file, so parallel writers (pytest-xdist workers,
+    two grid cells) never see or clobber a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
