@@ -758,6 +758,36 @@ def update_readme(survey: Survey, readme: Path = ROOT / "README.md") -> bool:
     return True
 
 
+# =========================================================================== rank agreement
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN with fewer than 3 pairs or when
+    either side is constant."""
+    x, y = pd.Series(list(a), dtype=float).rank(), pd.Series(list(b), dtype=float).rank()
+    if len(x) < 3 or x.nunique() < 2 or y.nunique() < 2:
+        return float("nan")
+    return float(x.corr(y))
+
+
+def rank_agreement(ours: pd.DataFrame, theirs: pd.DataFrame, steps: Sequence[int] = (10,),
+                   metrics: Sequence[str] = ("reliability", "locality")) -> pd.DataFrame:
+    """How well a leaderboard computed on other records (``theirs``, its summary.csv) ranks the
+    editors as ``ours`` does: per dataset, T and metric, Spearman's rho over the editors that both
+    computed (teacher-forced means; a WILD metric by its name, e.g. ``wild_reliability``)."""
+    rows = []
+    for data in sorted(set(ours["data"]) & set(theirs["data"])):
+        for T in steps:
+            for metric in metrics:
+                def means(s: pd.DataFrame) -> pd.Series:
+                    sel = s[(s["data"] == data) & (s["T"] == T) & (s["metric"] == metric)]
+                    return sel.groupby("editor")["mean"].first()
+                a, b = means(ours), means(theirs)
+                common = sorted(set(a.index) & set(b.index))
+                rows.append({"data": data, "T": T, "metric": metric, "editors": len(common),
+                             "spearman": spearman(a[common], b[common]), "order_ours": " > ".join(a[common].sort_values(ascending=False).index),
+                             "order_theirs": " > ".join(b[common].sort_values(ascending=False).index)})
+    return pd.DataFrame(rows, columns=["data", "T", "metric", "editors", "spearman", "order_ours", "order_theirs"])
+
+
 # =========================================================================== command line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m editbench.leaderboard", description=__doc__.split("\n\n")[0])
@@ -766,12 +796,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print every cell's state and command; compute nothing")
     parser.add_argument("--readme", action="store_true", help="also put the headline into README.md")
     parser.add_argument("--grid", type=Path, default=GRID_FILE, help="the grid file (default conf/leaderboard.yaml)")
+    parser.add_argument("--compare", type=Path, metavar="OTHER",
+                        help="compute nothing: Spearman rank agreement of the editors at T=10 (reliability, locality) "
+                             "between this leaderboard and OTHER (another leaderboard's out folder or summary.csv)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     for name in ("editbench.data", "editbench.plan"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         grid = load_grid(args.overrides, args.grid)
+        if args.compare is not None:
+            paths = [Path(grid.out) / "summary.csv", args.compare / "summary.csv" if args.compare.is_dir() else args.compare]
+            for path in paths:
+                if not path.is_file():
+                    raise ValueError(f"{path}: no leaderboard summary.csv there")
+            table = rank_agreement(*(pd.read_csv(p) for p in paths))
+            with pd.option_context("display.max_rows", None, "display.width", 250, "display.max_colwidth", 120):
+                print(table.to_string(index=False))
+            return 0
         if args.list:
             cells, _ = cell_rows(Survey(grid))
             with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 80):

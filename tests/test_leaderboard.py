@@ -226,3 +226,31 @@ def test_the_committed_leaderboard_has_every_cell_and_its_tables_equal_its_csv()
                     hit = cells[(cells.editor_name == editor) & (cells.data == data) & (cells["T"] == T)]
                     assert len(hit) == 1, f"no cell {editor} x {data} x T={T} in cells.csv"
     assert check_tables_equal_csv(COMMITTED, list(grid.datasets)) >= 0
+
+
+def _summary(values: dict[str, tuple[float, float]], data: str = "cf", T: int = 10) -> pd.DataFrame:
+    return pd.DataFrame([{"editor": e, "data": data, "T": T, "metric": m, "mean": v}
+                         for e, (rel, loc) in values.items() for m, v in (("reliability", rel), ("locality", loc))])
+
+
+def test_rank_agreement_is_spearman_over_the_editors_both_computed(tmp_path, capsys):
+    assert lb.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert lb.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert lb.spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)       # 1 - 6*2/(3*8)
+    assert lb.spearman([1, 1, 2], [5, 6, 7]) == pytest.approx(0.8660254)  # average ranks for ties
+    assert pd.isna(lb.spearman([1, 2], [1, 2])) and pd.isna(lb.spearman([1, 1, 1], [1, 2, 3]))
+    ours = _summary({"none": (0.0, 1.0), "ft": (0.9, 0.3), "rome": (0.8, 0.9), "grace": (1.0, 0.95)})
+    # other records: same reliability order, locality order of two editors swapped, an editor only there
+    theirs = _summary({"none": (0.1, 1.0), "ft": (0.7, 0.95), "rome": (0.6, 0.9), "grace": (0.8, 0.2),
+                       "extra": (0.5, 0.5)})
+    table = lb.rank_agreement(ours, theirs).set_index("metric")
+    assert table.loc["reliability", "editors"] == 4 and table.loc["reliability", "spearman"] == pytest.approx(1.0)
+    assert table.loc["locality", "spearman"] == pytest.approx(lb.spearman([1.0, 0.3, 0.9, 0.95], [1.0, 0.95, 0.9, 0.2]))
+    assert table.loc["reliability", "order_ours"] == "grace > ft > rome > none"
+    # through the command line: this leaderboard's out folder against another summary.csv
+    (tmp_path / "a").mkdir()
+    ours.to_csv(tmp_path / "a" / "summary.csv", index=False)
+    theirs.to_csv(tmp_path / "b.csv", index=False)
+    assert lb.main([f"out={tmp_path / 'a'}", "--compare", str(tmp_path / "b.csv")]) == 0
+    assert "grace > ft > rome > none" in capsys.readouterr().out
+    assert lb.main([f"out={tmp_path / 'a'}", "--compare", str(tmp_path / "missing")]) == 2
