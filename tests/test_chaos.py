@@ -27,7 +27,9 @@ What is checked, with nothing mocked:
 
 Where each kill landed is read from evidence after it: a temporary file of an atomic write
 left in a run folder by this kill (mid-write), an edit logged for a chunk whose file is not
-there (mid-chunk), no job past its start (start-up). At least one kill must land in each.
+there (mid-chunk), no job past its start (start-up). At least one kill must land in each. On a
+loaded machine (CI runs two test workers) an attempt can finish its part of the grid before the
+kill aimed at it fires: such a miss exits 0 and is tallied; at most 3 of the 10 may miss.
 
 Cost (docs/reliability.md): the uninterrupted reference runs in this process, in a background
 thread at nice 19, while the attempts run; the launcher process imports no torch (the Hydra
@@ -383,10 +385,10 @@ def test_grid_killed_at_random_moments_ends_as_an_uninterrupted_run_and_computes
             f"attempt {a} ({aim}) failed on resume:\n{got['output'][-4000:]}"
         if aim is None:
             assert got["rc"] == 0, f"the final attempt exited {got['rc']}:\n{got['output'][-4000:]}"
-        else:
-            assert got["rc"] == -signal.SIGKILL, (
-                f"attempt {a} ({aim}) ended by itself with {got['rc']} before its kill: the grid is too small "
-                f"for {N_KILLS} kills or a rerun failed:\n{got['output'][-4000:]}")
+        else:   # killed; or, on a loaded machine, the attempt may finish its part of the grid before
+            # the kill aimed at it fires (counted as missed below; too many misses fail the test)
+            assert got["rc"] in (-signal.SIGKILL, 0), (
+                f"attempt {a} ({aim}) exited {got['rc']}:\n{got['output'][-4000:]}")
         if got["planned_at"] is not None:
             startup_s = got["planned_at"]
 
@@ -403,7 +405,10 @@ def test_grid_killed_at_random_moments_ends_as_an_uninterrupted_run_and_computes
                 first_seen[c], written_in[c] = s, a
                 assert c in this, f"{c} was written in attempt {a} but none of its edits was logged in it"
 
-        if aim is not None:   # where the kill landed
+        if aim is not None and got["rc"] == 0:
+            landed.append({"aim": aim, "at": None, "where": ["missed (the attempt ended first)"],
+                           "chunks_done": len(stamps)})
+        elif aim is not None:   # where the kill landed
             partials = sorted(set(_partials(out)) - left_before)   # left by this kill
             in_progress = sorted({c for c in this if c not in stamps})
             where = []
@@ -451,4 +456,5 @@ def test_grid_killed_at_random_moments_ends_as_an_uninterrupted_run_and_computes
         print(f"  kill {i}: aimed {k['aim']}, at {k['at']} s, landed {', '.join(k['where'])}, "
               f"{k['chunks_done']} of {sum(map(len, chunk_files.values()))} chunks written")
     assert len(landed) == N_KILLS
+    assert tally["missed (the attempt ended first)"] <= 3, landed
     assert tally["mid-chunk"] >= 1 and tally["mid-write"] >= 1 and tally["start-up"] >= 1, landed
