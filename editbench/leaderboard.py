@@ -773,14 +773,15 @@ def rank_agreement(ours: pd.DataFrame, theirs: pd.DataFrame, steps: Sequence[int
     """How well a leaderboard computed on other records (``theirs``, its summary.csv) ranks the
     editors as ``ours`` does: per dataset, T and metric, Spearman's rho over the editors that both
     computed (teacher-forced means; a WILD metric by its name, e.g. ``wild_reliability``)."""
+    def means(s: pd.DataFrame, data: str, T: int, metric: str) -> pd.Series:
+        sel = s[(s["data"] == data) & (s["T"] == T) & (s["metric"] == metric)]
+        return sel.groupby("editor")["mean"].first()
+
     rows = []
     for data in sorted(set(ours["data"]) & set(theirs["data"])):
         for T in steps:
             for metric in metrics:
-                def means(s: pd.DataFrame) -> pd.Series:
-                    sel = s[(s["data"] == data) & (s["T"] == T) & (s["metric"] == metric)]
-                    return sel.groupby("editor")["mean"].first()
-                a, b = means(ours), means(theirs)
+                a, b = means(ours, data, T, metric), means(theirs, data, T, metric)
                 common = sorted(set(a.index) & set(b.index))
                 rows.append({"data": data, "T": T, "metric": metric, "editors": len(common),
                              "spearman": spearman(a[common], b[common]), "order_ours": " > ".join(a[common].sort_values(ascending=False).index),
