@@ -85,6 +85,14 @@ def load_grid(overrides: Sequence[str] = (), path: Path = GRID_FILE) -> DictConf
     return grid
 
 
+def table_grid(overrides: Sequence[str], path: Path = GRID_FILE) -> DictConfig | None:
+    """The grid the tables show when ``editors=`` restricts what a command computes: the grid
+    file with every other override, so that computing (or packing) some editors never drops
+    the other editors' rows from the tables; None when nothing restricts the editors."""
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "editors"]
+    return None if len(kept) == len(overrides) else load_grid(kept, path)
+
+
 @dataclass(frozen=True)
 class Run:
     """One run folder of the grid: (editor, data, group)."""
@@ -825,7 +833,8 @@ def main(argv: list[str] | None = None) -> int:
             pack_records(survey)
         else:
             survey = run_grid(grid)
-        out = write_report(survey)
+        tables = table_grid(args.overrides, args.grid)
+        out = write_report(survey if tables is None else Survey(tables))
         if args.readme and update_readme(survey):
             print("README.md: headline updated")
     except ValueError as err:

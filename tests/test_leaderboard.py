@@ -203,6 +203,21 @@ def test_through_the_joblib_launcher_the_grid_computes_the_same_numbers(grid_run
     pd.testing.assert_frame_equal(pick(got), pick(want))
 
 
+def test_computing_some_editors_keeps_every_editors_rows_in_the_tables(grid_run, tmp_path):
+    """``editors=[none]`` restricts what is computed, not what the tables show: the other
+    editors' finished cells stay in cells.csv, summary.csv and the Markdown table."""
+    tmp, path = grid_run
+    clone = tmp_path / "clone"
+    shutil.copytree(tmp / "lb", clone, ignore=shutil.ignore_patterns("runs"))
+    assert lb.main(["--grid", str(path), f"out={clone}", "editors=[none]"]) == 0
+    cells = pd.read_csv(clone / "cells.csv")
+    assert len(set(cells.editor)) == 2 and (cells[cells["T"] < 100000].status == "done").all()
+    assert set(pd.read_csv(clone / "summary.csv").editor) == set(pd.read_csv(tmp / "lb" / "summary.csv").editor)
+    assert lb.table_grid(["editors=[none]", "jobs=1"], path).editors == ["none", "ft"]
+    assert lb.table_grid(["jobs=1"], path) is None
+    assert check_tables_equal_csv(clone, ["sample"]) > 0
+
+
 def test_bad_grid_settings_fail_with_one_line(tmp_path):
     path = _grid_file(tmp_path)
     with pytest.raises(ValueError, match=r"jobs=0: must be a positive integer"):
