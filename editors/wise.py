@@ -94,7 +94,7 @@ from transformers.activations import ACT2FN
 
 from editbench.editor import Editor, hparams_from_cfg
 from editbench.registry import register
-from editbench.scoring import PlainLogits, encode, greedy_generate, pad_batch
+from editbench.scoring import PlainLogits, encode, greedy_generate, model_logits_at, pad_batch
 from editors.lib.forward import UpperStack
 from editors.lib.swap import ModuleSwap
 
@@ -427,6 +427,16 @@ class Wise(Editor):
             new = greedy_generate(PlainLogits(self.model), starts, [n] * len(starts), pad, device=self.device)
             prefixes += [tok.decode(list(s) + g, skip_special_tokens=True) + " " for s, g in zip(starts, new)]
         return prefixes
+
+    # ------------------------------------------------------------------ scoring
+    def logits_at(self, input_ids, attention_mask, rows, cols, prompt_len=None):
+        """The base computation (the model's own forward, the head at the read positions only),
+        declared here so that greedy generation never steps WISE against a KV cache
+        (:func:`editbench.scoring.reads_model_forward` keeps the cache for the base
+        ``logits_at`` only): the router's score at a position is the prefix mean over the row's
+        whole input, which a cached step, fed the new token alone, cannot compute. WILD
+        generation therefore reruns the full input at every step, as teacher forcing does."""
+        return model_logits_at(self.model, input_ids, attention_mask, rows, cols)
 
     # ------------------------------------------------------------------ wrapper
     @property

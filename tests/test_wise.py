@@ -11,7 +11,7 @@ import torch
 
 from editbench.records import EditCase, EditRequest, Probe
 from editbench.runner import run
-from editbench.scoring import encode, model_logits, teacher_forced
+from editbench.scoring import encode, greedy_generate, model_logits, reads_model_forward, teacher_forced
 from editbench.session import build_editor
 from editors.wise import WiseFFN, WiseParams, prefix_scores, ties_merge
 from tests.conftest import compose_cfg, toy_cases
@@ -163,6 +163,31 @@ def test_wise_scores_are_the_same_alone_and_in_padded_batches(tiny):
     editor.reset()
 
 
+def test_wise_generation_reruns_the_full_input_and_equals_stepwise_decoding(tiny):
+    """WILD generation asks for the KV cache; WISE's router reads each row's whole prefix, so
+    generation must rerun the full input (a cached step would see one token): with and
+    without ``kv_cache`` the answers are those of stepwise decoding through ``logits``."""
+    editor = _editor(tiny)
+    cases = toy_cases(2)
+    for c in cases:
+        editor.edit(c.request)
+    assert reads_model_forward(editor) is None
+    edits = [encode(tiny.tokenizer, c.request.prompt, c.request.target_new) for c in cases]
+    prompts = [e.ids[:e.start] for e in edits] + [encode(tiny.tokenizer, *t).ids for t in UNRELATED_TRAIN[:2]]
+    pad = tiny.tokenizer.pad_token_id
+    cached = greedy_generate(editor, prompts, [4] * len(prompts), pad, kv_cache=True)
+    plain = greedy_generate(editor, prompts, [4] * len(prompts), pad, kv_cache=False)
+    assert cached == plain
+    for p, got in zip(prompts, cached):   # stepwise, one query at a time, through the full logits
+        seq = list(p)
+        with torch.no_grad():
+            for _ in range(4):
+                ids = torch.tensor([seq])
+                seq.append(int(editor.logits(ids, torch.ones_like(ids))[0, -1].argmax()))
+        assert seq[len(p):] == got
+    editor.reset()
+
+
 def test_wise_reset_restores_the_model_bit_for_bit(tiny):
     model = tiny.model
     state, structure = _state(model), _structure(model)
@@ -271,8 +296,9 @@ def test_wise_official_defaults_per_model():
 def test_wise_through_the_runner_passes_the_reset_check(tmp_path, tiny_llama):
     train = Path(__file__).resolve().parents[1] / "editbench" / "data" / "sample_facts.json"
     cfg = compose_cfg("model=tiny-llama", "editor=wise", f"out_dir={tmp_path}", "runner.progress=false",
-                      "runner.steps=[2]", f"data.train_path={train}")
+                      "runner.steps=[2]", f"data.train_path={train}", "eval.mode=both")
     path = run(cfg, cases=toy_cases(2), lm=tiny_llama)
     s = pd.read_csv(path / "summary.csv").set_index("metric")
     assert s.loc["editor/side_memories", "mean"] == 1.0
     assert s.loc["reliability", "mean"] > 0
+    assert 0 <= s.loc["wild_reliability", "mean"] <= 1   # WILD generation runs through the side memory
