@@ -834,7 +834,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             survey = run_grid(grid)
         tables = table_grid(args.overrides, args.grid)
-        out = write_report(survey if tables is None else Survey(tables))
+        if tables is not None:
+            survey = Survey(tables)
+        out = write_report(survey)
         if args.readme and update_readme(survey):
             print("README.md: headline updated")
     except ValueError as err:
