@@ -332,6 +332,20 @@ def write_failures(out: Path, failures: dict[str, str]) -> None:
     atomic_write_text(failures_path(out), json.dumps(dict(sorted(failures.items())), indent=1) + "\n")
 
 
+def record_failure(out: Path, key: str, message: str | None) -> None:
+    """Set (or, with ``None``, clear) one run's failure in ``failures.json``, re-reading the file
+    first: two leaderboard commands computing different editors side by side each change only
+    their own runs' entries (a whole-file write from a copy read at start would bring back an
+    entry that the other command cleared meanwhile)."""
+    failures = read_failures(out)
+    if message is None:
+        if failures.pop(key, None) is None:
+            return
+    else:
+        failures[key] = message
+    write_failures(out, failures)
+
+
 def _run_logged(survey: Survey, args: list[str], log_file: Path, title: str) -> tuple[int, str]:
     """Run ``python <args>`` from the project root with ``grid.threads`` threads, appending its
     output to ``log_file``; (exit status, the log's last line)."""
@@ -401,7 +415,6 @@ def run_grid(grid: DictConfig, progress: bool = True) -> Survey:
     that differ in the editor only go together into one ``python -m editbench -m`` multirun that
     the launcher dispatches (``grid.jobs`` workers for joblib), one multirun at a time."""
     survey = Survey(grid)
-    failures = read_failures(survey.out)
     launcher = grid.get("launcher")
     todo = [s for s in survey.states.values() if s.pending() and all(n for n in s.planned.values())]
     waiting = [s for s in todo if s.run.estimate_from is not None]
@@ -465,11 +478,10 @@ def run_grid(grid: DictConfig, progress: bool = True) -> Survey:
                         survey.refresh(s)
                         count(s)
                         if rc == 0 or not s.pending():
-                            failures.pop(s.run.key, None)
+                            record_failure(survey.out, s.run.key, None)
                         else:
-                            failures[s.run.key] = f"exit {rc}: {last}"
+                            record_failure(survey.out, s.run.key, f"exit {rc}: {last}")
                             log.warning("%s failed (exit %d): %s", s.run.key, rc, last)
-                    write_failures(survey.out, failures)
     finally:
         bar.close()
         pack_records(survey)
@@ -730,6 +742,9 @@ def headline(cells: pd.DataFrame, summary: pd.DataFrame, datasets: Iterable[str]
 def write_report(survey: Survey) -> Path:
     """summary.csv, cells.csv, <data>.md, README.md and the plots under ``grid.out``."""
     out = survey.out
+    for key, state in survey.states.items():   # a failure that a later command computed past
+        if not state.pending():
+            record_failure(out, key, None)
     cells, summary = cell_rows(survey)
     atomic_write_csv(out / "cells.csv", cells)
     atomic_write_csv(out / "summary.csv", summary)

@@ -218,6 +218,24 @@ def test_computing_some_editors_keeps_every_editors_rows_in_the_tables(grid_run,
     assert check_tables_equal_csv(clone, ["sample"]) > 0
 
 
+def test_failures_change_per_run_and_a_computed_run_loses_its_stale_failure(grid_run, tmp_path):
+    """failures.json is changed one run at a time (re-read before each write), so a command does
+    not bring back what another cleared; a report drops the failure of a run that is complete."""
+    tmp, path = grid_run
+    clone = tmp_path / "clone"
+    shutil.copytree(tmp / "lb", clone, ignore=shutil.ignore_patterns("runs"))
+    lb.write_failures(clone, {"none/sample/small": "exit 2: run folder in use", "ft/sample/huge": "exit 1: boom"})
+    lb.record_failure(clone, "other/sample/small", "exit 1: from another command")
+    assert set(lb.read_failures(clone)) == {"none/sample/small", "ft/sample/huge", "other/sample/small"}
+    assert lb.main(["--grid", str(path), f"out={clone}", "--report"]) == 0
+    left = lb.read_failures(clone)
+    # none/small is complete and ft/huge has nothing to compute (fewer records than cases): both
+    # stale failures are gone; a run this grid does not know keeps its entry
+    assert set(left) == {"other/sample/small"}
+    cells = pd.read_csv(clone / "cells.csv")
+    assert (cells[(cells.editor == "none") & (cells["T"] < 100000)].status == "done").all()
+
+
 def test_bad_grid_settings_fail_with_one_line(tmp_path):
     path = _grid_file(tmp_path)
     with pytest.raises(ValueError, match=r"jobs=0: must be a positive integer"):
